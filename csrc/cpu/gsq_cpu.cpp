@@ -1,0 +1,275 @@
+// Torch glue for the CPU kernels: argument checks, allocation, dtype handling, picking the
+// instruction set at run time, and splitting the work over threads with at::parallel_for (ATen's
+// OpenMP pool, so torch.set_num_threads applies and only one OpenMP runtime is loaded).
+// The arithmetic lives in gsq_cpu_kernels_impl.h and gsq_cpu_isa_generic.cpp.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "gsq_cpu_kernels.h"
+
+namespace gsq_cpu {
+namespace {
+
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
+
+bool cpu_supports(int isa) {
+  if (isa == kGeneric) return true;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (isa == kAvx2) {
+    return avx2_table_f32() != nullptr && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+  }
+  if (isa == kAvx512) {
+    return avx512_table_f32() != nullptr && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+  }
+#endif
+  return false;
+}
+
+int best_supported_isa() {
+  for (int isa = kAvx512; isa > kGeneric; --isa) {
+    if (cpu_supports(isa)) return isa;
+  }
+  return kGeneric;
+}
+
+// -1 for "auto", -2 for an unknown name.
+int parse_isa(const std::string& name) {
+  if (name.empty() || name == "auto") return -1;
+  for (int isa = kGeneric; isa <= kAvx512; ++isa) {
+    if (name == kIsaNames[isa]) return isa;
+  }
+  return -2;
+}
+
+std::atomic<int> g_active_isa{-1};
+
+int active_isa() {
+  int isa = g_active_isa.load();
+  if (isa >= 0) return isa;
+  isa = best_supported_isa();
+  // GSQ_CPU_ISA=generic|avx2|avx512 pins the kernels, e.g. to test every variant on one machine.
+  if (const char* requested = std::getenv("GSQ_CPU_ISA")) {
+    const int parsed = parse_isa(requested);
+    if (parsed == -2) {
+      TORCH_WARN("GSQ_CPU_ISA=", requested, " is not one of auto, generic, avx2, avx512; using ",
+                 kIsaNames[isa]);
+    } else if (parsed >= 0 && !cpu_supports(parsed)) {
+      TORCH_WARN("GSQ_CPU_ISA=", requested, " is not supported by this CPU; using ",
+                 kIsaNames[isa]);
+    } else if (parsed >= 0) {
+      isa = parsed;
+    }
+  }
+  g_active_isa.store(isa);
+  return isa;
+}
+
+std::string cpu_isa(c10::string_view requested_view) {
+  const std::string requested(requested_view);
+  if (!requested.empty()) {
+    const int parsed = parse_isa(requested);
+    TORCH_CHECK(parsed != -2, "gsq::cpu_isa: requested must be one of 'auto', 'generic', 'avx2', ",
+                "'avx512', got '", requested, "'");
+    const int isa = parsed == -1 ? best_supported_isa() : parsed;
+    TORCH_CHECK(cpu_supports(isa), "gsq::cpu_isa: this CPU (or this build) does not support ",
+                kIsaNames[isa]);
+    g_active_isa.store(isa);
+  }
+  return kIsaNames[active_isa()];
+}
+
+const KernelTable<float>* float_table() {
+  switch (active_isa()) {
+    case kAvx512: return avx512_table_f32();
+    case kAvx2: return avx2_table_f32();
+    default: return generic_table_f32();
+  }
+}
+
+c10::ScalarType compute_dtype(const at::Tensor& z) {
+  return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_z_and_codebook(const char* op, const at::Tensor& z, const at::Tensor& codebook) {
+  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), op,
+              ": expected CPU tensors, got z on ", z.device(), " and codebook on ",
+              codebook.device());
+  TORCH_CHECK(z.dim() == 2, op, ": z must be (M, d), got shape ", z.sizes());
+  TORCH_CHECK(codebook.dim() == 2, op, ": codebook must be (V, d), got shape ", codebook.sizes());
+  TORCH_CHECK(z.size(1) == codebook.size(1), op, ": z has d=", z.size(1),
+              " but the codebook has width ", codebook.size(1));
+  TORCH_CHECK(z.size(1) >= 1, op, ": d must be at least 1");
+  TORCH_CHECK(codebook.size(0) >= 1, op, ": the codebook must have at least one code");
+  const auto zt = z.scalar_type();
+  TORCH_CHECK(zt == at::kFloat || zt == at::kHalf || zt == at::kBFloat16 || zt == at::kDouble, op,
+              ": z must be float32, float16, bfloat16 or float64, got ", zt);
+  TORCH_CHECK(codebook.scalar_type() == compute_dtype(z), op, ": the codebook must be ",
+              compute_dtype(z), " for ", zt, " z, got ", codebook.scalar_type());
+}
+
+template <typename T>
+void run_forward(const KernelTable<T>* table, const at::Tensor& z, const at::Tensor& codebook,
+                 double beta, double eps, bool l2_normalize, T* quantized, int64_t* indices,
+                 T* loss_rows) {
+  const int64_t num_rows = z.size(0);
+  const int dim = static_cast<int>(z.size(1));
+  const int64_t num_codes = codebook.size(0);
+  const int lanes = table->lanes;
+  const int64_t num_tiles = (num_codes + lanes - 1) / lanes;
+  at::Tensor tiles = at::empty({num_tiles * dim * lanes}, z.options());
+  at::Tensor bias = at::empty({num_tiles * lanes}, z.options());
+  T* tiles_ptr = tiles.data_ptr<T>();
+  T* bias_ptr = bias.data_ptr<T>();
+  const T* codebook_ptr = codebook.data_ptr<T>();
+  at::parallel_for(0, num_tiles, 256, [&](int64_t begin, int64_t end) {
+    table->prepare_codebook(codebook_ptr, num_codes, dim, l2_normalize, static_cast<T>(eps),
+                            tiles_ptr, bias_ptr, begin, end);
+  });
+  const T* z_ptr = z.data_ptr<T>();
+  at::parallel_for(0, num_rows, 64, [&](int64_t begin, int64_t end) {
+    table->forward_rows(z_ptr, dim, tiles_ptr, bias_ptr, num_tiles, codebook_ptr,
+                        static_cast<T>(eps), l2_normalize, static_cast<T>(1.0 + beta), begin, end,
+                        quantized, indices, loss_rows);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cpu(const at::Tensor& z,
+                                                                    const at::Tensor& codebook,
+                                                                    double beta, double eps,
+                                                                    bool l2_normalize) {
+  check_z_and_codebook("gsq::quantize_forward", z, codebook);
+  const auto compute = compute_dtype(z);
+  const at::Tensor zc = z.to(compute).contiguous();
+  const at::Tensor cb = codebook.contiguous();
+  at::Tensor quantized = at::empty(z.sizes(), z.options().dtype(compute));
+  at::Tensor indices = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  at::Tensor loss_rows = at::empty({z.size(0)}, z.options().dtype(compute));
+  if (z.size(0) > 0) {
+    if (compute == at::kDouble) {
+      run_forward<double>(generic_table_f64(), zc, cb, beta, eps, l2_normalize,
+                          quantized.data_ptr<double>(), indices.data_ptr<int64_t>(),
+                          loss_rows.data_ptr<double>());
+    } else {
+      run_forward<float>(float_table(), zc, cb, beta, eps, l2_normalize,
+                         quantized.data_ptr<float>(), indices.data_ptr<int64_t>(),
+                         loss_rows.data_ptr<float>());
+    }
+  }
+  return {quantized.to(z.scalar_type()), indices, loss_rows};
+}
+
+at::Tensor nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook, double eps,
+                            bool l2_normalize) {
+  check_z_and_codebook("gsq::nearest_code", z, codebook);
+  const auto compute = compute_dtype(z);
+  const at::Tensor zc = z.to(compute).contiguous();
+  const at::Tensor cb = codebook.contiguous();
+  at::Tensor indices = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  if (z.size(0) > 0) {
+    if (compute == at::kDouble) {
+      run_forward<double>(generic_table_f64(), zc, cb, 0.0, eps, l2_normalize, nullptr,
+                          indices.data_ptr<int64_t>(), nullptr);
+    } else {
+      run_forward<float>(float_table(), zc, cb, 0.0, eps, l2_normalize, nullptr,
+                         indices.data_ptr<int64_t>(), nullptr);
+    }
+  }
+  return indices;
+}
+
+template <typename T>
+void run_backward(const at::Tensor& grad_quantized, const at::Tensor& grad_loss_rows,
+                  const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& indices,
+                  double beta, double eps, bool l2_normalize, at::Tensor& grad_z,
+                  at::Tensor& grad_codebook) {
+  const int64_t num_rows = z.size(0);
+  const int dim = static_cast<int>(z.size(1));
+  const int64_t num_codes = codebook.size(0);
+  const T* z_ptr = z.data_ptr<T>();
+  const T* gq_ptr = grad_quantized.data_ptr<T>();
+  const T* gl_ptr = grad_loss_rows.data_ptr<T>();
+  const T* cb_ptr = codebook.data_ptr<T>();
+  const int64_t* idx_ptr = indices.data_ptr<int64_t>();
+  T* gz_ptr = grad_z.data_ptr<T>();
+  T* gc_ptr = grad_codebook.data_ptr<T>();
+  at::parallel_for(0, num_rows, 1024, [&](int64_t begin, int64_t end) {
+    backward_z_rows<T>(z_ptr, gq_ptr, gl_ptr, cb_ptr, idx_ptr, dim, static_cast<T>(beta),
+                       static_cast<T>(eps), l2_normalize, begin, end, gz_ptr);
+  });
+  at::Tensor bucket_start = at::empty({num_codes + 1}, indices.options());
+  at::Tensor rows_by_code = at::empty({num_rows}, indices.options());
+  int64_t* start_ptr = bucket_start.data_ptr<int64_t>();
+  int64_t* rows_ptr = rows_by_code.data_ptr<int64_t>();
+  bucket_rows_by_code(idx_ptr, num_rows, num_codes, start_ptr, rows_ptr);
+  at::parallel_for(0, num_codes, 256, [&](int64_t begin, int64_t end) {
+    codebook_grad_codes<T>(z_ptr, gl_ptr, cb_ptr, start_ptr, rows_ptr, dim, static_cast<T>(eps),
+                           l2_normalize, begin, end, gc_ptr);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(
+    const at::Tensor& grad_quantized, const at::Tensor& grad_loss_rows, const at::Tensor& z,
+    const at::Tensor& codebook, const at::Tensor& indices, double beta, double eps,
+    bool l2_normalize) {
+  check_z_and_codebook("gsq::quantize_backward", z, codebook);
+  const int64_t num_rows = z.size(0);
+  const int64_t num_codes = codebook.size(0);
+  TORCH_CHECK(grad_quantized.sizes() == z.sizes(), "gsq::quantize_backward: grad_quantized has ",
+              "shape ", grad_quantized.sizes(), ", expected ", z.sizes());
+  TORCH_CHECK(grad_loss_rows.dim() == 1 && grad_loss_rows.size(0) == num_rows,
+              "gsq::quantize_backward: grad_loss_rows must be (", num_rows, ",), got ",
+              grad_loss_rows.sizes());
+  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == num_rows &&
+                  indices.scalar_type() == at::kLong,
+              "gsq::quantize_backward: indices must be int64 of shape (", num_rows, ",)");
+  const auto compute = compute_dtype(z);
+  const at::Tensor zc = z.to(compute).contiguous();
+  const at::Tensor gq = grad_quantized.to(compute).contiguous();
+  const at::Tensor gl = grad_loss_rows.to(compute).contiguous();
+  const at::Tensor cb = codebook.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  if (num_rows > 0) {
+    // An out-of-range index would make the codebook gather and scatter read and write out of
+    // bounds; indices come from quantize_forward, but this op is public.
+    const int64_t* p = idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < num_rows; ++i) {
+      TORCH_CHECK(p[i] >= 0 && p[i] < num_codes, "gsq::quantize_backward: indices[", i, "] = ",
+                  p[i], " is outside [0, ", num_codes, ")");
+    }
+  }
+  at::Tensor grad_z = at::empty(z.sizes(), z.options().dtype(compute));
+  at::Tensor grad_codebook = at::empty(codebook.sizes(), codebook.options());
+  if (compute == at::kDouble) {
+    run_backward<double>(gq, gl, zc, cb, idx, beta, eps, l2_normalize, grad_z, grad_codebook);
+  } else {
+    run_backward<float>(gq, gl, zc, cb, idx, beta, eps, l2_normalize, grad_z, grad_codebook);
+  }
+  return {grad_z.to(z.scalar_type()), grad_codebook};
+}
+
+}  // namespace
+}  // namespace gsq_cpu
+
+TORCH_LIBRARY_IMPL(gsq, CPU, m) {
+  m.impl("quantize_forward", &gsq_cpu::quantize_forward_cpu);
+  m.impl("quantize_backward", &gsq_cpu::quantize_backward_cpu);
+  m.impl("nearest_code", &gsq_cpu::nearest_code_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(gsq, m) {
+  // Which CPU kernel variant runs: "" reads it, a name ("auto", "generic", "avx2", "avx512") sets it.
+  m.def("cpu_isa(str requested) -> str", &gsq_cpu::cpu_isa);
+}

@@ -1,0 +1,74 @@
+// Interface between the torch glue (gsq_cpu.cpp) and the CPU kernels.
+//
+// The kernels are compiled once per instruction set (gsq_cpu_isa_*.cpp) and picked at run time, so
+// this header and everything the kernels include must stay free of torch and of the C++ standard
+// library: an inline function emitted by two translation units built for different instruction
+// sets may be merged by the linker into the version the running CPU cannot execute.
+#pragma once
+
+#include <stdint.h>
+
+namespace gsq_cpu {
+
+typedef int64_t index_t;
+
+// The codebook as the lookup streams it: tiles of `lanes` codes, transposed so that one tile holds,
+// for every dimension k, the k-th coordinate of its `lanes` codes side by side (one SIMD register
+// per dimension). tiles[t * d * lanes + k * lanes + lane] is coordinate k of code t * lanes + lane.
+// score(z, j) = <z, code_j> + bias_j, with
+//   l2 on : code_j = c_j / max(||c_j||, eps), bias_j = 0           -> argmax = cosine nearest code
+//   l2 off: code_j = c_j,                      bias_j = -||c_j||^2/2 -> argmax = Euclidean nearest code
+// (||z - c||^2 = ||z||^2 - 2 (<z, c> - ||c||^2 / 2), and ||z||^2 is the same for every code).
+// Padding lanes past V get bias -inf, so they never win.
+template <typename T>
+struct KernelTable {
+  const char* isa;
+  int lanes;  // codes per tile
+
+  // Fills tiles [tile_begin, tile_end) of the streamed codebook and its bias.
+  void (*prepare_codebook)(const T* codebook, index_t num_codes, int dim, bool l2_normalize,
+                           T eps, T* tiles, T* bias, index_t tile_begin, index_t tile_end);
+
+  // Rows [row_begin, row_end) of the forward: normalize, cosine nearest code (ties to the lowest
+  // index), gather the raw code, loss_rows[i] = loss_scale * ||c_idx - n_i||^2.
+  // quantized and loss_rows may be null (lookup only).
+  void (*forward_rows)(const T* z, int dim, const T* tiles, const T* bias, index_t num_tiles,
+                       const T* codebook, T eps, bool l2_normalize, T loss_scale,
+                       index_t row_begin, index_t row_end, T* quantized, int64_t* indices,
+                       T* loss_rows);
+};
+
+// Returns null when that instruction set was not compiled in (non-x86 hosts).
+const KernelTable<float>* avx512_table_f32();
+const KernelTable<float>* avx2_table_f32();
+const KernelTable<float>* generic_table_f32();
+const KernelTable<double>* generic_table_f64();
+
+// Backward, shared by every instruction set (O(N d) work: it is memory-bound, not worth ISA copies).
+//
+// Per group vector i with n_i = l2(z_i) (or z_i when l2 is off), c_i = codebook[idx_i],
+// g_i = dL/dquantized_i and w_i = dL/dloss_rows_i (loss_rows_i = (1 + beta) ||c_i - n_i||^2 whose
+// straight-through surrogate sends beta's share to n and the rest to the codebook):
+//   dL/dn_i = g_i + 2 beta w_i (n_i - c_i)
+//   dL/dz_i = (dL/dn_i - n_i <n_i, dL/dn_i>) / ||z_i||   if ||z_i|| >= eps   (l2 on)
+//           = dL/dn_i / eps                             otherwise           (l2 on)
+//           = dL/dn_i                                                        (l2 off)
+template <typename T>
+void backward_z_rows(const T* z, const T* grad_quantized, const T* grad_loss_rows,
+                     const T* codebook, const int64_t* indices, int dim, T beta, T eps,
+                     bool l2_normalize, index_t row_begin, index_t row_end, T* grad_z);
+
+// dL/dC_j = sum over rows i with idx_i = j of 2 w_i (c_j - n_i), without races and in a fixed
+// order: rows are bucketed by code with a counting sort (bucket_rows_by_code, serial, O(N + V)),
+// then each code sums its own rows in increasing row order (codebook_grad_codes, parallel over
+// codes). The result is bitwise deterministic whatever the thread count.
+void bucket_rows_by_code(const int64_t* indices, index_t num_rows, index_t num_codes,
+                         int64_t* bucket_start /* num_codes + 1 */, int64_t* rows_by_code);
+
+template <typename T>
+void codebook_grad_codes(const T* z, const T* grad_loss_rows, const T* codebook,
+                         const int64_t* bucket_start, const int64_t* rows_by_code, int dim,
+                         T eps, bool l2_normalize, index_t code_begin, index_t code_end,
+                         T* grad_codebook);
+
+}  // namespace gsq_cpu

@@ -1,0 +1,33 @@
+// Declares every gsq op (the schemas); each backend registers its kernels for its dispatch key in
+// its own file (cpu/gsq_cpu.cpp, cuda/gsq_cuda.cpp), and gsq_kernels/ops.py registers the fake
+// (shape) functions and the autograd formulas, so torch.compile traces the ops without graph breaks.
+//
+// The ops work on flattened group vectors: z is (M, d) with M = (number of positions) * G, and
+// codebook is (V, d), float32 (float64 for float64 z). Layout handling lives in Python.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import gsq_kernels._C` loads this library and, through its static initializers, the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(gsq, m) {
+  // quantized: (M, d) in z's dtype, the raw codebook rows c_idx (the straight-through output).
+  // indices: (M,) int64 in [0, V). loss_rows: (M,) float, (1 + beta) * ||c_idx - l2(z)||^2; the
+  // quantizer loss is its sum divided by M * d. Its gradient is the straight-through surrogate:
+  // beta's share reaches z (commitment), the rest reaches the codebook.
+  m.def(
+      "quantize_forward(Tensor z, Tensor codebook, float beta, float eps, bool l2_normalize) "
+      "-> (Tensor quantized, Tensor indices, Tensor loss_rows)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "quantize_backward(Tensor grad_quantized, Tensor grad_loss_rows, Tensor z, Tensor codebook, "
+      "Tensor indices, float beta, float eps, bool l2_normalize) "
+      "-> (Tensor grad_z, Tensor grad_codebook)",
+      {at::Tag::pt2_compliant_tag});
+  // The lookup alone (inference, tokenization): indices (M,) int64.
+  m.def("nearest_code(Tensor z, Tensor codebook, float eps, bool l2_normalize) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,148 @@
+"""What the C++/CUDA extension is built from, shared by setup.py and the import-time rebuild.
+
+Kept free of package imports (setup.py loads this file by path, before gsq_kernels is importable).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+EXTENSION_NAME = "gsq_kernels._C"
+BUILD_INFO_FILE = "_C_build_info.json"
+# Compute capabilities built when no GPU is visible at build time and TORCH_CUDA_ARCH_LIST is unset
+# (a container or login node): Ampere, Ada, Hopper, Blackwell, plus PTX for newer cards.
+DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+
+
+def source_root() -> Path:
+    """The csrc/ folder: beside the package in a checkout, or inside it when installed from a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "csrc", here / "csrc"):
+        if (candidate / "gsq_ops.cpp").is_file():
+            return candidate
+    raise FileNotFoundError(f"gsq_kernels: the C++ sources (csrc/) are not beside {here}")
+
+
+def _is_toolkit(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return (folder / "bin" / "nvcc").exists() and (folder / "include" / "cuda_runtime.h").exists()
+
+
+def resolve_cuda_home() -> str | None:
+    """The CUDA toolkit folder, exported as CUDA_HOME for torch.utils.cpp_extension.
+
+    torch guesses CUDA_HOME from the nvcc on PATH, which goes wrong when that nvcc is a wrapper
+    script (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local, which has no CUDA headers)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var] if _is_toolkit(os.environ[var]) else None
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.insert(0, str(Path(os.path.realpath(nvcc)).parent.parent))
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for folder in candidates:
+        if _is_toolkit(folder):
+            os.environ["CUDA_HOME"] = folder
+            if "torch.utils.cpp_extension" in sys.modules:
+                sys.modules["torch.utils.cpp_extension"].CUDA_HOME = folder
+            return folder
+    return None
+
+
+def cuda_toolkit_status() -> tuple[bool, str]:
+    """(build the CUDA kernels?, why not). Needs a CUDA build of torch and nvcc, not a GPU."""
+    if os.environ.get("GSQ_NO_CUDA", "0") == "1":
+        return False, "GSQ_NO_CUDA=1 is set"
+    import torch
+
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    if resolve_cuda_home() is None:
+        return False, ("no CUDA toolkit found (nvcc and include/cuda_runtime.h); set CUDA_HOME to "
+                       "the toolkit folder")
+    return True, ""
+
+
+def sources(with_cuda: bool) -> list[str]:
+    root = source_root()
+    files = sorted(glob.glob(str(root / "*.cpp"))) + sorted(glob.glob(str(root / "cpu" / "*.cpp")))
+    if with_cuda:
+        files += sorted(glob.glob(str(root / "cuda" / "*.cpp")))
+        files += sorted(glob.glob(str(root / "cuda" / "*.cu")))
+    return files
+
+
+def include_dirs(with_cuda: bool) -> list[str]:
+    dirs = [str(source_root())]
+    if with_cuda:
+        # The pip CUDA wheels keep cuBLAS/cuSPARSE headers (needed by torch's CUDA headers) here,
+        # not in a slim toolkit.
+        for site in sys.path:
+            for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cublas/include",
+                        "nvidia/cusparse/include"):
+                path = Path(site) / sub
+                if path.is_dir() and str(path) not in dirs:
+                    dirs.append(str(path))
+    return dirs
+
+
+def cxx_flags(with_cuda: bool) -> list[str]:
+    # -ffp-contract=fast lets a*b+c become one FMA in the kernels' inner loop (ISO C++ mode turns
+    # contraction off by default); the scan and the re-scoring share one code path, so a code's
+    # score is still computed identically wherever it is computed.
+    # -fopenmp: at::parallel_for is a header template that only forks threads when the extension
+    # itself is compiled with OpenMP; the libgomp it links is the one torch has already loaded.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unused-function"]
+    if with_cuda:
+        flags.append("-DGSQ_WITH_CUDA")
+    return flags
+
+
+def link_flags() -> list[str]:
+    return ["-fopenmp"]
+
+
+def nvcc_flags() -> list[str]:
+    return ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DGSQ_WITH_CUDA"]
+
+
+def ensure_cuda_arch_list() -> None:
+    """cpp_extension needs an arch list when it cannot see a GPU; pick a broad default then."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return
+    supported = {a.split("_")[-1] for a in torch.cuda.get_arch_list() if a.startswith("sm_")}
+    archs = [a for a in DEFAULT_CUDA_ARCH_LIST.split(";") if a.split("+")[0].replace(".", "") in supported]
+    if not archs:
+        archs = ["8.0", "9.0+PTX"]
+    if not archs[-1].endswith("+PTX"):
+        archs[-1] += "+PTX"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+
+
+def build_info(with_cuda: bool) -> dict:
+    import torch
+
+    return {
+        "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "with_cuda": bool(with_cuda),
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
+
+
+def write_build_info(folder: str | os.PathLike, with_cuda: bool) -> Path:
+    path = Path(folder) / BUILD_INFO_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(build_info(with_cuda), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,24 @@
+"""The fused CPU kernels (csrc/cpu, C++ with OpenMP and a per-CPU SIMD variant)."""
+
+from __future__ import annotations
+
+from .. import ops
+from .._extension import STATUS
+from .base import Backend
+
+
+def _describe() -> str:
+    if not ops.OPS_AVAILABLE:
+        return f"compiled extension not loaded: {STATUS.origin}"
+    return f"C++/OpenMP, {ops.cpu_isa()} kernels, {STATUS.origin}"
+
+
+BACKEND = Backend(
+    name="cpu",
+    device_types=("cpu",),
+    available=ops.OPS_AVAILABLE,
+    reason=_describe(),
+    how_to_get="install a C++ compiler and reinstall with `pip install --no-build-isolation -e .`",
+    quantize=ops.quantize,
+    nearest_code=ops.nearest_code,
+)

@@ -1,0 +1,16 @@
+"""The pure-PyTorch reference as a backend (any device; forms the full similarity matrix)."""
+
+from __future__ import annotations
+
+from .. import reference
+from .base import Backend
+
+BACKEND = Backend(
+    name="reference",
+    device_types=("cpu", "cuda", "mps", "xpu"),
+    available=True,
+    reason="pure PyTorch (forms the M x V similarity matrix)",
+    how_to_get="always available",
+    quantize=reference.quantize,
+    nearest_code=reference.nearest_code,
+)

@@ -1,0 +1,94 @@
+"""Which backend runs a call. Decided once, at import: every backend module reports whether it can
+run here, the result is logged, and `resolve` only looks the answer up.
+
+backend="auto" picks, per device type, the first available backend of AUTO_PREFERENCE; the order
+for CUDA comes from the benchmarks (benchmarks/bench_quantize.py), not from a guess.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+from .backends.base import Backend
+
+log = logging.getLogger("gsq_kernels")
+
+BACKEND_MODULES = ("reference", "cpu", "cuda", "triton")
+
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on this machine."""
+
+
+def _discover() -> dict[str, Backend]:
+    found: dict[str, Backend] = {}
+    for name in BACKEND_MODULES:
+        try:
+            module = importlib.import_module(f".backends.{name}", __package__)
+        except ImportError as error:  # a backend whose module is not there yet, or whose deps are missing
+            log.debug("gsq_kernels: backend %s not importable: %s", name, error)
+            continue
+        found[name] = module.BACKEND
+    return found
+
+
+BACKENDS: dict[str, Backend] = _discover()
+
+
+def backend_report() -> str:
+    lines = []
+    for backend in BACKENDS.values():
+        state = "available" if backend.available else "unavailable"
+        lines.append(f"  {backend.name:9s} {state:11s} {backend.reason}")
+    return "gsq_kernels backends:\n" + "\n".join(lines)
+
+
+log.info(backend_report())
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    return [
+        b.name for b in BACKENDS.values()
+        if b.available and (device_type is None or device_type in b.device_types)
+    ]
+
+
+def check_backend_name(name: str) -> None:
+    """Validates a backend argument before any tensor is seen (module construction)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        return
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_MODULES)}, got {name!r}")
+    backend = BACKENDS.get(name)
+    if backend is None or not backend.available:
+        reason = backend.reason if backend is not None else "its module could not be imported"
+        how = f" To get it: {backend.how_to_get}." if backend is not None else ""
+        raise BackendUnavailableError(f"gsq_kernels backend {name!r} is not available: {reason}.{how}")
+
+
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend that runs a call on `device`; raises if an explicit choice cannot run there."""
+    if name == "auto":
+        for candidate in AUTO_PREFERENCE.get(device.type, ("reference",)):
+            backend = BACKENDS.get(candidate)
+            if backend is not None and backend.available:
+                return backend
+        return BACKENDS["reference"]
+    check_backend_name(name)
+    backend = BACKENDS[name]
+    if device.type not in backend.device_types:
+        raise ValueError(
+            f"backend {name!r} runs on {'/'.join(backend.device_types)} tensors, but z is on {device}; "
+            "move the tensors or use backend='auto'"
+        )
+    return backend

@@ -1,0 +1,54 @@
+"""Builds gsq_kernels._C: the CPU kernels always; the CUDA kernels too whenever torch is a CUDA build
+and nvcc is found (no GPU needed). Use `pip install -e .`, or `pip install --no-build-isolation -e .`
+to build against the torch already installed."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_gsq_build_config", ROOT / "gsq_kernels" / "_build_config.py")
+build_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_config)
+
+
+def make_extension():
+    build_config.resolve_cuda_home()  # before torch guesses it from PATH
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda, reason = build_config.cuda_toolkit_status()
+    if with_cuda:
+        build_config.ensure_cuda_arch_list()
+        print(f"gsq_kernels: building CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
+        extension_type = CUDAExtension
+        extra = {"cxx": build_config.cxx_flags(True), "nvcc": build_config.nvcc_flags()}
+    else:
+        print(f"gsq_kernels: building CPU kernels only; CUDA skipped: {reason}")
+        extension_type = CppExtension
+        extra = {"cxx": build_config.cxx_flags(False)}
+    sources = [os.path.relpath(s, ROOT) for s in build_config.sources(with_cuda)]
+    extension = extension_type(
+        name=build_config.EXTENSION_NAME,
+        sources=sources,
+        include_dirs=build_config.include_dirs(with_cuda),
+        extra_compile_args=extra,
+        extra_link_args=build_config.link_flags(),
+        py_limited_api=False,
+    )
+
+    class BuildExtensionRecordingTorch(BuildExtension):
+        """Records the torch the library was built against, checked at import (gsq_kernels/_extension.py)."""
+
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                folder = os.path.dirname(self.get_ext_fullpath(ext.name))
+                build_config.write_build_info(folder, with_cuda)
+
+    return [extension], {"build_ext": BuildExtensionRecordingTorch.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = make_extension()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,109 @@
+"""The compiled gsq ops as torch.library ops: schemas, fake tensors, autograd registration
+(torch.library.opcheck), and torch.compile(fullgraph=True) over the module."""
+
+import pytest
+import torch
+
+import gsq_kernels
+from gsq_kernels import GroupedSphericalQuantizer, ops
+
+pytestmark = pytest.mark.skipif(not ops.OPS_AVAILABLE, reason="compiled extension not loaded")
+
+
+def _samples(device="cpu"):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        for rows, d, codes in ((37, 4, 19), (5, 1, 3), (8, 16, 33), (0, 4, 5)):
+            z = torch.randn(rows, d, device=device).to(dtype)
+            codebook = torch.randn(codes, d, device=device, dtype=compute)
+            yield z, codebook
+
+
+@pytest.mark.parametrize("l2_normalize", [True, False])
+def test_opcheck_quantize_forward(l2_normalize):
+    for z, codebook in _samples():
+        args = (z.requires_grad_(), codebook.requires_grad_(), 0.25, 1e-12, l2_normalize)
+        torch.library.opcheck(torch.ops.gsq.quantize_forward.default, args)
+
+
+def test_opcheck_quantize_backward():
+    for z, codebook in _samples():
+        quantized, indices, loss_rows = torch.ops.gsq.quantize_forward(z, codebook, 0.25, 1e-12, True)
+        args = (torch.randn_like(quantized), torch.randn_like(loss_rows), z, codebook, indices, 0.25, 1e-12, True)
+        torch.library.opcheck(torch.ops.gsq.quantize_backward.default, args)
+
+
+def test_opcheck_nearest_code():
+    for z, codebook in _samples():
+        torch.library.opcheck(torch.ops.gsq.nearest_code.default, (z, codebook, 1e-12, True))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("layout", ["image", "sequence"])
+def test_torch_compile_fullgraph(backend, layout):
+    torch.manual_seed(0)
+    quantizer = GroupedSphericalQuantizer(16, 64, groups=4, backend=backend)
+    z = torch.randn(2, 16, 5, 3) if layout == "image" else torch.randn(2, 7, 16)
+
+    def step(module, x):
+        out = module(x)
+        total = (out.quantized * x.detach()).sum() + out.loss
+        total.backward()
+        return out
+
+    eager_z = z.clone().requires_grad_()
+    eager = step(quantizer, eager_z)
+    eager_grad_codebook = quantizer.codebook.grad.clone()
+    quantizer.codebook.grad = None
+    quantizer.reset_usage()
+
+    compiled = torch.compile(quantizer, fullgraph=True)
+    compiled_z = z.clone().requires_grad_()
+    out = step(compiled, compiled_z)
+
+    assert torch.equal(out.indices, eager.indices)
+    assert torch.equal(out.quantized, eager.quantized)
+    torch.testing.assert_close(out.loss, eager.loss)
+    torch.testing.assert_close(compiled_z.grad, eager_z.grad)
+    torch.testing.assert_close(quantizer.codebook.grad, eager_grad_codebook)
+    # the usage histogram is updated inside the compiled graph too
+    assert int(quantizer.usage_histogram().sum()) == out.indices.numel()
+
+
+def test_backward_rejects_out_of_range_indices():
+    z = torch.randn(4, 2)
+    codebook = torch.randn(3, 2)
+    bad = torch.tensor([0, 1, 3, 2])
+    with pytest.raises(RuntimeError, match=r"indices\[2\] = 3 is outside \[0, 3\)"):
+        torch.ops.gsq.quantize_backward(torch.zeros_like(z), torch.zeros(4), z, codebook, bad, 0.25, 1e-12, True)
+
+
+def test_every_cpu_kernel_variant_matches_the_reference():
+    """The avx512/avx2/generic builds are picked at run time; test every one this CPU can run."""
+    from parity import assert_indices_match
+
+    original = gsq_kernels.cpu_isa()
+    variants = [v for v in ("generic", "avx2", "avx512") if _supported(v)]
+    z = torch.randn(203, 8)
+    codebook = torch.randn(1029, 8)
+    expected = torch.ops.gsq.nearest_code(z.double(), codebook.double(), 1e-12, True)
+    try:
+        for variant in variants:
+            assert gsq_kernels.cpu_isa(variant) == variant
+            got = torch.ops.gsq.nearest_code(z, codebook, 1e-12, True)
+            assert_indices_match(got, expected, z, codebook, 1e-12, True)
+    finally:
+        gsq_kernels.cpu_isa(original)
+    with pytest.raises(RuntimeError, match="must be one of"):
+        gsq_kernels.cpu_isa("sse9")
+
+
+def _supported(variant):
+    original = gsq_kernels.cpu_isa()
+    try:
+        gsq_kernels.cpu_isa(variant)
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        gsq_kernels.cpu_isa(original)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_gsq_build_config", ROOT / "gsq_kernels" / "_build_config.py")
@@ -50,5 +51,21 @@ def make_extension():
     return [extension], {"build_ext": BuildExtensionRecordingTorch.with_options(use_ninja=True)}
 
 
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (gsq_kernels/csrc) so an installed wheel can rebuild the
+    extension at import when it meets a different torch."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        import shutil
+
+        target = Path(self.build_lib) / "gsq_kernels" / "csrc"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(ROOT / "csrc", target, ignore=shutil.ignore_patterns("*.o", "*.so"))
+
+
 ext_modules, cmdclass = make_extension()
+cmdclass["build_py"] = BuildPyWithSources
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

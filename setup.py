@@ -1,6 +1,9 @@
 """Builds gsq_kernels._C: the CPU kernels always; the CUDA kernels too whenever torch is a CUDA build
 and nvcc is found (no GPU needed). Use `pip install -e .`, or `pip install --no-build-isolation -e .`
-to build against the torch already installed."""
+to build against the torch already installed.
+
+GSQ_REQUIRE_CUDA=1 turns "no CUDA toolkit, CPU kernels only" into an error (CI sets it); a CUDA
+source that fails to compile always fails the build. GSQ_NO_CUDA=1 skips the CUDA kernels."""
 
 import importlib.util
 import os
@@ -20,6 +23,8 @@ def make_extension():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda, reason = build_config.cuda_toolkit_status()
+    if not with_cuda and os.environ.get("GSQ_REQUIRE_CUDA", "0") == "1":
+        raise RuntimeError(f"gsq_kernels: GSQ_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
     if with_cuda:
         build_config.ensure_cuda_arch_list()
         print(f"gsq_kernels: building CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")

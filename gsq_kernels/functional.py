@@ -64,7 +64,7 @@ def _check_finite(z: Tensor) -> None:
         raise ValueError(
             f"z contains {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf) out of "
             f"{z.numel()}; pass check_finite=False to skip this check (indices then stay in range "
-            "but are meaningless for those vectors)"
+            "and group vectors holding NaN/inf take index 0)"
         )
 
 

@@ -28,7 +28,8 @@ def nearest_code(z: Tensor, codebook: Tensor, eps: float = 1e-12, l2_normalize: 
 
     l2 on : argmax_j <l2(z), l2(c_j)>   (= argmin_j ||l2(z) - l2(c_j)||^2)
     l2 off: argmin_j ||c_j||^2 - 2 <z, c_j>   (= argmin_j ||z - c_j||^2; ||z||^2 is common)
-    torch.argmax/argmin return the first extreme value, i.e. the lowest index.
+    torch.argmax/argmin return the first extreme value, i.e. the lowest index. A row holding a NaN
+    or inf has no meaningful nearest code; it gets index 0 (every backend agrees on this).
     """
     dtype = compute_dtype(z)
     # Autocast would run the matmul in bf16/fp16 and change which code wins.
@@ -37,9 +38,11 @@ def nearest_code(z: Tensor, codebook: Tensor, eps: float = 1e-12, l2_normalize: 
         codebook = codebook.to(dtype)
         if l2_normalize:
             similarity = l2(z, eps) @ l2(codebook, eps).T
-            return similarity.argmax(dim=-1)
-        distance = (codebook * codebook).sum(dim=-1) - 2 * (z @ codebook.T)
-        return distance.argmin(dim=-1)
+            indices = similarity.argmax(dim=-1)
+        else:
+            distance = (codebook * codebook).sum(dim=-1) - 2 * (z @ codebook.T)
+            indices = distance.argmin(dim=-1)
+        return torch.where(torch.isfinite(z).all(dim=-1), indices, 0)
 
 
 def quantize(

@@ -91,6 +91,10 @@ def assert_close_to_truth(actual: torch.Tensor, reference_same_precision: torch.
     assert torch.isfinite(a).all(), f"{what}: {int((~torch.isfinite(a)).sum())} NaN/inf values"
     error = (a - t).abs()
     allowed = ERROR_FACTOR * float((r - t).abs().max()) + UNIT_ROUNDOFF[dtype] * float(t.abs().max())
+    if dtype == torch.float64:
+        # The truth is the float64 reference itself, so its own error reads as zero: allow the
+        # rounding of a few thousand float64 operations on O(1) terms instead.
+        allowed += 1e3 * UNIT_ROUNDOFF[torch.float64] * max(1.0, float(t.abs().max()))
     worst = int(error.flatten().argmax()) if error.numel() else 0
     if error.numel() and float(error.flatten()[worst]) > allowed:
         raise AssertionError(

@@ -5,7 +5,8 @@
 //
 // Math, per group vector z (one row of d values):
 //   n      = z / max(||z||, eps)                 (l2 on; n = z when off)
-//   idx    = argmax_j  <n, code_j> + bias_j      (ties: the lowest j; see gsq_cpu_kernels.h)
+//   idx    = argmax_j  <n, code_j> + bias_j      (ties: the lowest j; see gsq_cpu_kernels.h;
+//                                                 0 for a row holding NaN/inf)
 //   out    = c_idx                               (the raw codebook row)
 //   loss_r = (1 + beta) ||c_idx - n||^2          (summed and divided by N*d by the caller)
 //
@@ -166,6 +167,7 @@ static void forward_rows_fixed_dim(const T* z, int dim, const T* tiles, const T*
   T* rows = new T[static_cast<index_t>(kRowsPerBlock) * d];
   T best[kRowsPerBlock];
   int64_t best_idx[kRowsPerBlock];
+  bool finite[kRowsPerBlock];
 
   for (index_t b0 = row_begin; b0 < row_end; b0 += kRowsPerBlock) {
     const int num_rows = static_cast<int>(min_index(kRowsPerBlock, row_end - b0));
@@ -173,8 +175,11 @@ static void forward_rows_fixed_dim(const T* z, int dim, const T* tiles, const T*
     for (int i = 0; i < num_rows_padded; ++i) {
       best[i] = negative_infinity<T>();
       best_idx[i] = 0;
+      finite[i] = true;
       if (i < num_rows) {
-        normalize_row(z + (b0 + i) * d, d, eps, l2_normalize, rows + i * d);
+        const T* z_row = z + (b0 + i) * d;
+        for (int k = 0; k < d; ++k) finite[i] &= __builtin_isfinite(z_row[k]) != 0;
+        normalize_row(z_row, d, eps, l2_normalize, rows + i * d);
       } else {
         for (int k = 0; k < d; ++k) rows[i * d + k] = 0;  // padding rows: scored, then dropped
       }
@@ -188,7 +193,8 @@ static void forward_rows_fixed_dim(const T* z, int dim, const T* tiles, const T*
     }
     for (int i = 0; i < num_rows; ++i) {
       const index_t row = b0 + i;
-      const int64_t idx = best_idx[i];
+      // A row holding NaN/inf has no nearest code; every backend gives it index 0.
+      const int64_t idx = finite[i] ? best_idx[i] : 0;
       indices[row] = idx;
       const T* code = codebook + idx * d;
       if (quantized != nullptr) {

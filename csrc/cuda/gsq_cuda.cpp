@@ -1,0 +1,151 @@
+// Torch glue for the CUDA kernels: argument checks, allocation through the caching allocator
+// (CUDA-graph safe), dtype tags, and launch on the current stream. Registered for the CUDA
+// dispatch key of the ops declared in csrc/gsq_ops.cpp. The kernels: gsq_cuda_kernels.cu.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "gsq_cuda_kernels.h"
+
+namespace gsq_cuda {
+namespace {
+
+c10::ScalarType compute_dtype(const at::Tensor& z) {
+  return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+DType dtype_tag(const at::Tensor& z) {
+  switch (z.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kDouble: return DType::kFloat64;
+    default: TORCH_CHECK(false, "gsq (CUDA): z must be float32, float16, bfloat16 or float64, got ", z.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+void check_z_and_codebook(const char* op, const at::Tensor& z, const at::Tensor& codebook) {
+  TORCH_CHECK(z.is_cuda() && codebook.is_cuda() && z.device() == codebook.device(), op,
+              ": z and codebook must be on the same CUDA device, got ", z.device(), " and ", codebook.device());
+  TORCH_CHECK(z.dim() == 2, op, ": z must be (M, d), got shape ", z.sizes());
+  TORCH_CHECK(codebook.dim() == 2, op, ": codebook must be (V, d), got shape ", codebook.sizes());
+  TORCH_CHECK(z.size(1) == codebook.size(1), op, ": z has d=", z.size(1), " but the codebook has width ",
+              codebook.size(1));
+  TORCH_CHECK(z.size(1) >= 1 && codebook.size(0) >= 1, op, ": d and V must be at least 1");
+  dtype_tag(z);
+  TORCH_CHECK(codebook.scalar_type() == compute_dtype(z), op, ": the codebook must be ", compute_dtype(z),
+              " for ", z.scalar_type(), " z, got ", codebook.scalar_type());
+  // cub's radix sort counts items in int; the lookup indexes codes in int64.
+  TORCH_CHECK(z.size(0) <= std::numeric_limits<int>::max(), op, ": at most 2^31-1 group vectors per call");
+  TORCH_CHECK(z.size(1) <= std::numeric_limits<int>::max(), op, ": d too large");
+}
+
+void check_launch(cudaError_t status, const char* what) {
+  TORCH_CHECK(status == cudaSuccess, "gsq (CUDA): ", what, " failed: ", cudaGetErrorString(status));
+}
+
+// (codes, bias) the lookup streams; see prepare_codebook in gsq_cuda_kernels.h.
+std::tuple<at::Tensor, at::Tensor> prepared_codebook(const at::Tensor& codebook, double eps, bool l2_normalize,
+                                                     cudaStream_t stream) {
+  at::Tensor codes = at::empty(codebook.sizes(), codebook.options());
+  at::Tensor bias = at::empty({codebook.size(0)}, codebook.options());
+  check_launch(prepare_codebook(codebook.data_ptr(), codebook.scalar_type() == at::kDouble, codebook.size(0),
+                                static_cast<int>(codebook.size(1)), eps, l2_normalize, codes.data_ptr(),
+                                bias.data_ptr(), stream),
+               "prepare_codebook");
+  return {codes, bias};
+}
+
+at::Tensor run_lookup(const at::Tensor& z, const at::Tensor& codebook, double eps, bool l2_normalize,
+                      cudaStream_t stream) {
+  const int64_t rows = z.size(0);
+  const int dim = static_cast<int>(z.size(1));
+  at::Tensor indices = at::empty({rows}, z.options().dtype(at::kLong));
+  if (rows == 0) return indices;
+  auto [codes, bias] = prepared_codebook(codebook, eps, l2_normalize, stream);
+  const size_t scratch_bytes = lookup_workspace_bytes(rows, dim, dtype_tag(z));
+  at::Tensor scratch = at::empty({static_cast<int64_t>(scratch_bytes)}, z.options().dtype(at::kByte));
+  check_launch(lookup(z.data_ptr(), dtype_tag(z), rows, dim, codes.data_ptr(), bias.data_ptr(),
+                      codebook.size(0), eps, l2_normalize, scratch_bytes ? scratch.data_ptr() : nullptr,
+                      indices.data_ptr<int64_t>(), stream),
+               "lookup");
+  return indices;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cuda(const at::Tensor& z_in,
+                                                                     const at::Tensor& codebook_in,
+                                                                     double beta, double eps,
+                                                                     bool l2_normalize) {
+  check_z_and_codebook("gsq::quantize_forward", z_in, codebook_in);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor codebook = codebook_in.contiguous();
+  at::Tensor indices = run_lookup(z, codebook, eps, l2_normalize, stream);
+  at::Tensor quantized = at::empty(z.sizes(), z.options());
+  at::Tensor loss_rows = at::empty({z.size(0)}, z.options().dtype(compute_dtype(z)));
+  check_launch(gather_codes(z.data_ptr(), dtype_tag(z), codebook.data_ptr(), indices.data_ptr<int64_t>(),
+                            z.size(0), static_cast<int>(z.size(1)), eps, l2_normalize, 1.0 + beta,
+                            quantized.data_ptr(), loss_rows.data_ptr(), stream),
+               "gather_codes");
+  return {quantized, indices, loss_rows};
+}
+
+at::Tensor nearest_code_cuda(const at::Tensor& z_in, const at::Tensor& codebook_in, double eps, bool l2_normalize) {
+  check_z_and_codebook("gsq::nearest_code", z_in, codebook_in);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  return run_lookup(z_in.contiguous(), codebook_in.contiguous(), eps, l2_normalize,
+                    c10::cuda::getCurrentCUDAStream());
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad_quantized_in,
+                                                         const at::Tensor& grad_loss_rows_in,
+                                                         const at::Tensor& z_in, const at::Tensor& codebook_in,
+                                                         const at::Tensor& indices_in, double beta, double eps,
+                                                         bool l2_normalize) {
+  check_z_and_codebook("gsq::quantize_backward", z_in, codebook_in);
+  const int64_t rows = z_in.size(0);
+  TORCH_CHECK(grad_quantized_in.sizes() == z_in.sizes(), "gsq::quantize_backward: grad_quantized has shape ",
+              grad_quantized_in.sizes(), ", expected ", z_in.sizes());
+  TORCH_CHECK(grad_loss_rows_in.dim() == 1 && grad_loss_rows_in.size(0) == rows,
+              "gsq::quantize_backward: grad_loss_rows must be (", rows, ",), got ", grad_loss_rows_in.sizes());
+  TORCH_CHECK(indices_in.dim() == 1 && indices_in.size(0) == rows && indices_in.scalar_type() == at::kLong,
+              "gsq::quantize_backward: indices must be int64 of shape (", rows, ",)");
+  // The indices are trusted to lie in [0, V) (they come from quantize_forward): checking them here
+  // would need a device-to-host copy, i.e. a synchronization on every backward.
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor codebook = codebook_in.contiguous();
+  const at::Tensor grad_quantized = grad_quantized_in.to(z.scalar_type()).contiguous();
+  const at::Tensor grad_loss_rows = grad_loss_rows_in.to(compute_dtype(z)).contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  const int dim = static_cast<int>(z.size(1));
+  at::Tensor grad_z = at::empty(z.sizes(), z.options());
+  at::Tensor grad_codebook = at::empty(codebook.sizes(), codebook.options());
+  const size_t workspace_bytes = backward_workspace_bytes(rows, codebook.size(0), dim, dtype_tag(z));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, z.options().dtype(at::kByte));
+  check_launch(backward(z.data_ptr(), grad_quantized.data_ptr(), dtype_tag(z), grad_loss_rows.data_ptr(),
+                        codebook.data_ptr(), indices.data_ptr<int64_t>(), rows, codebook.size(0), dim, beta, eps,
+                        l2_normalize, workspace.data_ptr(), workspace_bytes, grad_z.data_ptr(),
+                        grad_codebook.data_ptr(), stream),
+               "backward");
+  return {grad_z, grad_codebook};
+}
+
+}  // namespace
+}  // namespace gsq_cuda
+
+TORCH_LIBRARY_IMPL(gsq, CUDA, m) {
+  m.impl("quantize_forward", &gsq_cuda::quantize_forward_cuda);
+  m.impl("quantize_backward", &gsq_cuda::quantize_backward_cuda);
+  m.impl("nearest_code", &gsq_cuda::nearest_code_cuda);
+}

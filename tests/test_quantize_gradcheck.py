@@ -19,14 +19,16 @@ from parity import backends_for, separated_latent
 
 
 def _backends_with_float64():
-    names = ["reference"] + backends_for("cpu")
-    return [b for b in names if b != "triton"]  # Triton kernels run in float32 (its own tests)
+    pairs = [("cpu", b) for b in ["reference"] + backends_for("cpu")]
+    if torch.cuda.is_available():
+        pairs += [("cuda", b) for b in backends_for("cuda")]
+    return [(device, b) for device, b in pairs if b != "triton"]  # Triton runs in float32 (its own tests)
 
 
-@pytest.mark.parametrize("backend", _backends_with_float64())
+@pytest.mark.parametrize("device,backend", _backends_with_float64(), ids=str)
 @pytest.mark.parametrize("l2_normalize", [True, False], ids=["l2", "raw"])
 @pytest.mark.parametrize("d,groups", [(1, 3), (3, 2), (4, 1), (16, 1)])
-def test_gradcheck(backend, l2_normalize, d, groups):
+def test_gradcheck(device, backend, l2_normalize, d, groups):
     beta, loss_weight, eps = 0.25, 3.0, 1e-12
     codebook0 = torch.randn(7, d, dtype=torch.float64)
     # A wide gap: gradcheck's 1e-6 perturbations must not change any index.
@@ -48,13 +50,16 @@ def test_gradcheck(backend, l2_normalize, d, groups):
     def checked(z, codebook):
         out = grouped_spherical_quantize(z, codebook, groups, beta=beta, l2_normalize=l2_normalize,
                                          eps=eps, backend=backend)
-        assert torch.equal(out.indices.reshape(-1), idx0)
-        op_value = (weights * out.quantized).sum() + loss_weight * out.loss
-        return op_value - op_value.detach() + smooth_surrogate(z, codebook).detach()
+        assert torch.equal(out.indices.reshape(-1).cpu(), idx0)
+        op_value = (weights.to(z.device) * out.quantized).sum() + loss_weight * out.loss
+        return op_value - op_value.detach() + smooth_surrogate(z.cpu(), codebook.cpu()).detach().to(z.device)
+
+    def checked_on_device(z, codebook):
+        return checked(z.to(device), codebook.to(device)).cpu()
 
     z = z0.clone().requires_grad_()
     codebook = codebook0.clone().requires_grad_()
-    assert torch.autograd.gradcheck(checked, (z, codebook), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(checked_on_device, (z, codebook), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_gradcheck_catches_a_wrong_backward():

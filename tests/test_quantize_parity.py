@@ -21,7 +21,12 @@ from parity import (
     triton_interpreted,
 )
 
-BACKENDS = backends_for("cpu")
+# (device, backend): every non-reference backend available for each device present. The
+# reference (the oracle) always runs on the CPU.
+DEVICE_BACKENDS = [("cpu", b) for b in backends_for("cpu")]
+if torch.cuda.is_available():
+    DEVICE_BACKENDS += [("cuda", b) for b in backends_for("cuda")]
+DTYPES = DTYPES_CPU  # float32, float16, bfloat16
 
 # (shape, groups, V): every d the issue names, odd sizes, V not a multiple of any block size.
 CASES = [
@@ -37,35 +42,37 @@ CASES = [
 ]
 
 
-def _skip_unsupported(backend: str, dtype: torch.dtype) -> None:
-    if backend == "triton" and triton_interpreted() and dtype == torch.bfloat16:
+def _skip_unsupported(device: str, backend: str, dtype: torch.dtype) -> None:
+    if device == "cpu" and backend == "triton" and triton_interpreted() and dtype == torch.bfloat16:
         pytest.skip("bf16 arithmetic is wrong in Triton's CPU interpreter; checked on a GPU")
 
 
-def _run(z, codebook, groups, backend, l2_normalize, beta=0.25):
-    z = z.detach().clone().requires_grad_()
-    codebook = codebook.detach().clone().requires_grad_()
+def _run(z, codebook, groups, backend, l2_normalize, beta=0.25, device="cpu"):
+    """Forward + backward on `device`; results come back to the CPU."""
+    z = z.detach().clone().to(device).requires_grad_()
+    codebook = codebook.detach().clone().to(device).requires_grad_()
     out = grouped_spherical_quantize(z, codebook, groups, beta=beta, l2_normalize=l2_normalize, backend=backend)
     # An upstream gradient on the output plus a scaled loss exercises both surrogate paths.
-    weights = torch.linspace(-1, 1, out.quantized.numel(), dtype=torch.float64).reshape(out.quantized.shape)
-    total = (out.quantized.double() * weights).sum() + 3.0 * out.loss.double()
+    weights = torch.linspace(-1, 1, out.quantized.numel(), dtype=torch.float64, device=device)
+    total = (out.quantized.double() * weights.reshape(out.quantized.shape)).sum() + 3.0 * out.loss.double()
     total.backward()
-    return out, z.grad, codebook.grad
+    out = type(out)(*(t.detach().cpu() for t in out))
+    return out, z.grad.cpu(), codebook.grad.cpu()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES_CPU, ids=str)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,groups,num_codes", CASES, ids=lambda c: str(c))
 @pytest.mark.parametrize("l2_normalize", [True, False], ids=["l2", "raw"])
-def test_matches_reference(backend, dtype, shape, groups, num_codes, l2_normalize):
-    _skip_unsupported(backend, dtype)
+def test_matches_reference(device, backend, dtype, shape, groups, num_codes, l2_normalize):
+    _skip_unsupported(device, backend, dtype)
     channels = shape[1] if len(shape) == 4 else shape[-1]
     codebook = spherical_init(num_codes, channels // groups)
     if not l2_normalize:  # codes of different lengths make the Euclidean lookup differ from cosine
         codebook = codebook * torch.rand(num_codes, 1).add(0.5)
     z = separated_latent(shape, groups, codebook, dtype, l2_normalize=l2_normalize)
 
-    out, grad_z, grad_codebook = _run(z, codebook, groups, backend, l2_normalize)
+    out, grad_z, grad_codebook = _run(z, codebook, groups, backend, l2_normalize, device=device)
     ref, ref_grad_z, ref_grad_codebook = _run(z, codebook, groups, "reference", l2_normalize)
     truth, true_grad_z, true_grad_codebook = _run(z.double(), codebook.double(), groups, "reference", l2_normalize)
 
@@ -81,39 +88,41 @@ def test_matches_reference(backend, dtype, shape, groups, num_codes, l2_normaliz
     assert_close_to_truth(grad_codebook, ref_grad_codebook, true_grad_codebook, dtype, "dL/dcodebook")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, ids=lambda x: str(x))
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 8, 16, 64])
-def test_random_inputs_agree_except_near_ties(backend, d):
+@pytest.mark.parametrize("l2_normalize", [True, False], ids=["l2", "raw"])
+def test_random_inputs_agree_except_near_ties(device, backend, d, l2_normalize):
     """Plain random latents (near-ties left in): only rows with a top-2 gap < gap_tolerance(d) may differ."""
     groups = 4
     z = torch.randn(3, 33, groups * d)
     codebook = torch.randn(4099, d)  # not normalized: the lookup normalizes it
-    got = nearest_code_indices(z, codebook, groups, backend=backend)
-    expected = nearest_code_indices(z, codebook, groups, backend="reference")
-    assert_indices_match(got, expected, z.reshape(-1, d), codebook, 1e-12, True)
-    out = grouped_spherical_quantize(z, codebook, groups, backend=backend)
-    assert_indices_match(out.indices, expected, z.reshape(-1, d), codebook, 1e-12, True)
+    expected = nearest_code_indices(z, codebook, groups, l2_normalize=l2_normalize, backend="reference")
+    z_dev, codebook_dev = z.to(device), codebook.to(device)
+    got = nearest_code_indices(z_dev, codebook_dev, groups, l2_normalize=l2_normalize, backend=backend).cpu()
+    assert_indices_match(got, expected, z.reshape(-1, d), codebook, 1e-12, l2_normalize)
+    out = grouped_spherical_quantize(z_dev, codebook_dev, groups, l2_normalize=l2_normalize, backend=backend)
+    assert_indices_match(out.indices.cpu(), expected, z.reshape(-1, d), codebook, 1e-12, l2_normalize)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_large_codebook(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, ids=lambda x: str(x))
+def test_large_codebook(device, backend):
     """V = 2^20 codes, a handful of rows: streamed in tiles, never an N x V matrix."""
     generator = torch.Generator().manual_seed(5)
     codebook = spherical_init(1 << 20, 4, generator=generator)
     z = torch.randn(1, 6, 8, generator=generator)
-    got = nearest_code_indices(z, codebook, 2, backend=backend)
+    got = nearest_code_indices(z.to(device), codebook.to(device), 2, backend=backend).cpu()
     expected = nearest_code_indices(z, codebook, 2, backend="reference")
     assert_indices_match(got, expected, z.reshape(-1, 4), codebook, 1e-12, True)
     assert int(got.max()) < (1 << 20)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS, ids=lambda x: str(x))
 @pytest.mark.parametrize("groups", [1, 4, 16])
-def test_groups_share_one_codebook(backend, groups):
+def test_groups_share_one_codebook(device, backend, groups):
     """Splitting D into G groups is the same as quantizing the G group vectors as separate rows."""
     d = 2
-    codebook = spherical_init(50, d)
-    z = separated_latent((2, 3, groups * d), groups, codebook, torch.float32)
+    codebook = spherical_init(50, d).to(device)
+    z = separated_latent((2, 3, groups * d), groups, codebook.cpu(), torch.float32).to(device)
     out = grouped_spherical_quantize(z, codebook, groups, backend=backend)
     as_rows = grouped_spherical_quantize(z.reshape(-1, d), codebook, 1, backend=backend)
     assert torch.equal(out.indices.reshape(-1), as_rows.indices.reshape(-1))

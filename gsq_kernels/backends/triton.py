@@ -62,7 +62,7 @@ def prepare_codebook(codebook: Tensor, eps: float, l2_normalize: bool) -> tuple[
 def _dims(d: int) -> dict:
     use_dot = d >= 16
     block_d = max(16, _next_power_of_two(d)) if use_dot else _next_power_of_two(d)
-    return dict(D=d, BLOCK_D=block_d, BLOCK_K=min(block_d, 64), USE_DOT=use_dot)
+    return dict(D=d, BLOCK_D=block_d, BLOCK_K=min(block_d, 32), USE_DOT=use_dot)
 
 
 def _lookup(z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool, write_outputs: bool):
@@ -129,7 +129,7 @@ def quantize_backward(
 ) -> tuple[Tensor, Tensor]:
     from torch.library import wrap_triton
 
-    from .triton_kernels import gsq_backward_z_kernel, gsq_codebook_grad_kernel
+    from .triton_kernels import gsq_backward_z_kernel, gsq_codebook_grad_kernel, rows_per_program
 
     _check("gsq_triton::quantize_backward", z, codebook)
     z = z.contiguous()
@@ -150,14 +150,16 @@ def quantize_backward(
 
     if not _launches(z):
         return grad_z, grad_codebook
+    block_d = _next_power_of_two(d)
+    block = rows_per_program(block_d)
     if rows > 0:
-        wrap_triton(gsq_backward_z_kernel)[lambda meta: (triton_cdiv(rows, meta["BLOCK_M"]),)](
+        wrap_triton(gsq_backward_z_kernel)[(triton_cdiv(rows, block),)](
             z, grad_quantized, grad_loss_rows, codebook, indices, grad_z, rows, beta, eps,
-            D=d, BLOCK_D=_next_power_of_two(d), L2=l2_normalize,
+            D=d, BLOCK_D=block_d, L2=l2_normalize, BLOCK_M=block,
         )
-    wrap_triton(gsq_codebook_grad_kernel)[lambda meta: (triton_cdiv(num_codes, meta["BLOCK_C"]),)](
+    wrap_triton(gsq_codebook_grad_kernel)[(triton_cdiv(num_codes, block),)](
         z, grad_loss_rows, codebook, rows_by_code, bucket_start, grad_codebook, num_codes, eps,
-        D=d, BLOCK_D=_next_power_of_two(d), L2=l2_normalize,
+        D=d, BLOCK_D=block_d, L2=l2_normalize, BLOCK_C=block,
     )
     return grad_z, grad_codebook
 

@@ -32,7 +32,11 @@ carries beta's share to n and the rest to the codebook):
   launch configuration; a code chosen by many rows costs its program proportionally more steps.
 
 Under TRITON_INTERPRET=1 (CPU tests) a single large-block configuration is used: the interpreter's
-cost grows with programs x loop steps, not with block size.
+cost grows with programs x loop steps, not with block size. On a GPU the forward is autotuned over a
+few tile shapes; the memory-bound backward kernels size their tiles from d (rows_per_program).
+Every variant compiles for sm_90a (tests/test_triton_gpu_compile.py runs triton.compile + ptxas,
+no GPU needed); the forward spills nothing up to d = 16, a few bytes at d = 64 and a few hundred at
+d = 256 with 64 x 64 tiles (the autotuner may prefer other shapes there).
 """
 
 from __future__ import annotations
@@ -61,16 +65,12 @@ def _forward_configs():
     ]
 
 
-def _backward_rows_configs():
+def rows_per_program(block_d: int) -> int:
+    """Rows (or codes) per program of the memory-bound backward kernels: each holds a few
+    (rows x block_d) tiles in registers, so wide groups take fewer rows (no spills at d = 256)."""
     if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 1024}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ((64, 4), (128, 4), (256, 8))]
-
-
-def _codebook_grad_configs():
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_C": 1024}, num_warps=4)]
-    return [triton.Config({"BLOCK_C": c}, num_warps=w) for c, w in ((32, 2), (64, 4), (128, 4))]
+        return 1024
+    return max(4, min(256, 2048 // block_d))
 
 
 @triton.autotune(configs=_forward_configs(), key=["V", "D", "L2", "WRITE_OUTPUTS"])
@@ -89,7 +89,7 @@ def gsq_forward_kernel(
     loss_scale,  # 1 + beta
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= D (>= 16 on the tl.dot path)
-    BLOCK_K: tl.constexpr,  # K chunk of tl.dot
+    BLOCK_K: tl.constexpr,  # chunk of D held at once (D can be 256: a whole row tile would spill)
     USE_DOT: tl.constexpr,
     L2: tl.constexpr,
     WRITE_OUTPUTS: tl.constexpr,  # False: indices only (nearest_code)
@@ -99,17 +99,21 @@ def gsq_forward_kernel(
     pid = tl.program_id(0)
     rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < M
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    tile_mask = row_ok[:, None] & dim_ok[None, :]
 
-    z = tl.load(z_ptr + rows[:, None] * D + dims[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-    # A row holding NaN/inf scores NaN against every code; such rows are scored as zeros (no NaN
-    # reaches the reductions) and given index 0, as in the other backends. Their loss stays NaN.
-    finite = tl.sum(z * 0.0, axis=1) == 0.0
-    z_scored = tl.where(finite[:, None], z, 0.0)
+    # Row statistics, chunk by chunk. A row holding NaN/inf scores NaN against every code; such rows
+    # are scored as zeros (no NaN reaches the reductions) and given index 0, as in the other
+    # backends. Their loss stays NaN.
+    sum_squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    finite = row_ok | True
+    for k0 in range(0, BLOCK_D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        chunk = tl.load(z_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :],
+                        other=0.0).to(tl.float32)
+        sum_squares += tl.sum(chunk * chunk, axis=1)
+        finite = finite & (tl.sum(chunk * 0.0, axis=1) == 0.0)
     if L2:
-        denom = tl.maximum(tl.sqrt(tl.sum(z_scored * z_scored, axis=1)), eps)
+        norm = tl.sqrt(sum_squares)
+        denom = tl.maximum(tl.where(finite, norm, 0.0), eps)
     else:
         denom = tl.full([BLOCK_M], 1.0, tl.float32)
 
@@ -121,7 +125,7 @@ def gsq_forward_kernel(
         bias = tl.load(bias_ptr + codes, mask=code_ok, other=float("-inf"))
         scores = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
         if USE_DOT:
-            for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
+            for k0 in range(0, BLOCK_D, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < D
                 z_chunk = tl.load(z_ptr + rows[:, None] * D + ks[None, :],
@@ -145,17 +149,24 @@ def gsq_forward_kernel(
     best_idx = tl.where(finite, best_idx, 0)
     tl.store(indices_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
     if WRITE_OUTPUTS:
-        code = tl.load(codebook_ptr + best_idx.to(tl.int64)[:, None] * D + dims[None, :], mask=tile_mask, other=0.0)
-        tl.store(quantized_ptr + rows[:, None] * D + dims[None, :],
-                 code.to(quantized_ptr.dtype.element_ty), mask=tile_mask)
+        # The loss uses the raw row (NaN stays NaN): n = z / max(||z||, eps).
         if L2:
-            diff = code - z / tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), eps)[:, None]
+            raw_denom = tl.maximum(tl.sqrt(sum_squares), eps)
         else:
-            diff = code - z
-        tl.store(loss_rows_ptr + rows, loss_scale * tl.sum(diff * diff, axis=1), mask=row_ok)
+            raw_denom = tl.full([BLOCK_M], 1.0, tl.float32)
+        loss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, BLOCK_D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (ks < D)[None, :]
+            code = tl.load(codebook_ptr + best_idx.to(tl.int64)[:, None] * D + ks[None, :], mask=mask, other=0.0)
+            tl.store(quantized_ptr + rows[:, None] * D + ks[None, :], code.to(quantized_ptr.dtype.element_ty),
+                     mask=mask)
+            z_chunk = tl.load(z_ptr + rows[:, None] * D + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+            diff = code - z_chunk / raw_denom[:, None]
+            loss += tl.sum(diff * diff, axis=1)
+        tl.store(loss_rows_ptr + rows, loss_scale * loss, mask=row_ok)
 
 
-@triton.autotune(configs=_backward_rows_configs(), key=["D", "L2"])
 @triton.jit
 def gsq_backward_z_kernel(
     z_ptr,  # (M, D)
@@ -200,7 +211,6 @@ def gsq_backward_z_kernel(
     tl.store(grad_z_ptr + offsets, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_codebook_grad_configs(), key=["D", "L2"])
 @triton.jit
 def gsq_codebook_grad_kernel(
     z_ptr,  # (M, D)

@@ -1,5 +1,5 @@
 """Fixtures for the benchmark suite: the device list, the machine's matmul rate, peak-memory probes
-in fresh subprocesses, and the record of cases that did not run (out of memory, missing peer),
+in separate processes, and the record of cases that did not run (out of memory, missing peer),
 which is written into the pytest-benchmark JSON under "gsq_not_run" for the report."""
 
 from __future__ import annotations
@@ -50,14 +50,28 @@ def _budget_bytes(config) -> int:
 
 @pytest.fixture(scope="session")
 def memory_probe(request):
-    """probe(implementation, mode, setting, device) -> dict, run in a fresh Python process."""
+    """probe(implementation, mode, setting, device) -> dict: CPU cases in a child forked by one probe
+    server (a fresh Python that has only imported torch), CUDA cases in a fresh Python process."""
     budget = _budget_bytes(request.config)
 
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    server = None  # `python -m benchmarks.probe --serve`: forks one child per CPU case
+
     def probe(implementation, mode, setting, device):
+        nonlocal server
         spec = {"implementation": implementation, "mode": mode, "setting": asdict(setting), "device": device,
                 "budget_bytes": budget,
                 "warmup": implementation in ("reference-compiled", "triton") or device == "cuda"}
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        if device == "cpu":
+            if server is None or server.poll() is not None:
+                server = subprocess.Popen([sys.executable, "-m", "benchmarks.probe", "--serve"], cwd=ROOT, env=env,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            server.stdin.write(json.dumps(spec) + "\n")
+            server.stdin.flush()
+            line = server.stdout.readline()
+            if line.startswith("{"):
+                return json.loads(line)
+            return {"status": "error", "error": "the probe server died"}
         done = subprocess.run([sys.executable, "-m", "benchmarks.probe", json.dumps(spec)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=1800)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -67,7 +81,10 @@ def memory_probe(request):
                     "error": "killed (out of memory)" if killed else done.stderr[-500:]}
         return json.loads(lines[-1])
 
-    return probe
+    yield probe
+    if server is not None and server.poll() is None:
+        server.stdin.close()
+        server.wait(timeout=60)
 
 
 def record_not_run(entry: dict) -> None:

@@ -5,6 +5,13 @@ it, i.e. what the call itself adds. The address space is capped at (current + bu
 that needs more fails its allocation and is reported as out of memory instead of pushing the
 machine into swap or the OOM killer. GPU: torch.cuda.max_memory_allocated minus what was allocated
 before the call. Prints one JSON line: {"status": "ok"|"oom"|"error", "peak_extra_bytes": ..., ...}.
+
+`python -m benchmarks.probe --serve` is the same for many CPU cases at a lower cost: it imports
+torch once, then reads one JSON spec per line and forks a child per spec, which measures the case
+exactly as above (VmHWM reset in the child, address space capped in the child) and dies. Starting
+Python and torch costs about 5 s per probe; a fork costs milliseconds. The server itself never runs
+an operator, so no OpenMP or CUDA state exists to be inherited across fork. CUDA cases always use
+a fresh process.
 """
 
 from __future__ import annotations
@@ -83,7 +90,60 @@ def run(spec: dict) -> dict:
     return result
 
 
+def run_forked(spec: dict, timeout: float = 1800.0) -> dict:
+    """run(spec) in a forked child; a child killed by the kernel counts as out of memory."""
+    import os
+    import select
+    import signal
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report through the pipe, leave without any cleanup
+        os.close(read_end)
+        try:
+            result = run(spec)
+        except BaseException as error:  # noqa: BLE001 - anything becomes an "error" result
+            result = {"status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
+        os.write(write_end, (json.dumps(result) + "\n").encode())
+        os._exit(0)
+    os.close(write_end)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
+            return {"status": "error", "error": f"timed out after {timeout:.0f} s"}
+        chunk = os.read(read_end, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    text = b"".join(chunks).decode().strip()
+    if text:
+        return json.loads(text.splitlines()[-1])
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return {"status": "oom", "error": "killed (out of memory)"}
+    return {"status": "error", "error": f"probe child ended with status {status} and no result"}
+
+
+def serve() -> None:
+    import torch  # noqa: F401 - imported once, before any fork
+
+    from . import implementations  # noqa: F401
+
+    for line in sys.stdin:
+        if line.strip():
+            print(json.dumps(run_forked(json.loads(line))), flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
     spec = json.loads(sys.argv[1])
     print(json.dumps(run(spec)), flush=True)
 

@@ -2,9 +2,9 @@
 lookup, forward, forward+backward. `pytest benchmarks/ --benchmark-only --benchmark-json=run.json`,
 then `python -m benchmarks.report run.json`.
 
-Each case first runs once in a fresh subprocess (benchmarks/probe.py) for its peak memory; a case
+Each case first runs once in a separate process (benchmarks/probe.py) for its peak memory; a case
 that runs out of memory there is recorded as such and not timed. Timing runs in this process with
-a fixed number of rounds chosen from the first call's duration (about 4 s per case, at least 3 rounds).
+a fixed number of rounds chosen from the first call's duration (about 3 s per case, at least 3 rounds).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from . import shapes
 from .conftest import devices, record_not_run
 from .implementations import make_case, supports
 
-SECONDS_PER_CASE = 4.0
+SECONDS_PER_CASE = 3.0
 
 
 def _cases(quick: bool):

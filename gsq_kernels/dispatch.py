@@ -1,8 +1,12 @@
 """Which backend runs a call. Decided once, at import: every backend module reports whether it can
 run here, the result is logged, and `resolve` only looks the answer up.
 
-backend="auto" picks, per device type, the first available backend of AUTO_PREFERENCE; the order
-for CUDA comes from the benchmarks (benchmarks/bench_quantize.py), not from a guess.
+backend="auto" picks, per device type, the first available backend of AUTO_PREFERENCE. CPU: the
+fused kernels, measured 15x+ faster than the reference (docs/benchmarks.md). CUDA: PROVISIONAL,
+not yet measured: no GPU was available when the CUDA and Triton kernels were written. The CUDA C++
+kernels come first because they build wherever nvcc is found and have a deterministic backward;
+`pytest benchmarks/ --benchmark-only` on a GPU (benchmarks/test_quantize_benchmarks.py) must decide
+the order, and this tuple changes if Triton wins there.
 """
 
 from __future__ import annotations

@@ -217,3 +217,21 @@ def test_missing_discriminator_weights_fall_back_loudly_or_refuse(tmp_path, monk
     refuse = apply_overrides(config, ["discriminator.dino_fallback=error", "train.name=refuse"])
     with pytest.raises(WeightsUnavailable):
         train(refuse, progress=False)
+
+
+def test_dino_discriminator_trains_and_resumes_from_a_local_weights_file(tmp_path):
+    from gsq.models.discriminators import create_dino_backbone
+
+    torch.save(create_dino_backbone(resolution=518).state_dict(), tmp_path / "dino.pth")
+    config = small_config(tmp_path, "discriminator.kind=dino", f"discriminator.dino_weights={tmp_path / 'dino.pth'}",
+                          "discriminator.dino_resolution=28", "discriminator.start_step=0", "train.steps=2",
+                          "train.checkpoint_every=2", "train.name=dino")
+    recorder = LossRecorder()
+    train(config, progress=False, callbacks=(recorder,))
+    assert recorder.losses[1]["adversarial"] > 0 and recorder.losses[1]["discriminator"] > 0
+    saved = ckpt.read_tensors(tmp_path / "dino" / "checkpoints" / "step_00000002" / "discriminator.safetensors")
+    assert saved and not any(name.startswith("backbone.") for name in saved)  # the frozen DINOv2 is not copied
+    resumed = LossRecorder()
+    longer = apply_overrides(config, ["train.steps=3"])
+    assert train(longer, resume=tmp_path / "dino", progress=False, callbacks=(resumed,)).step == 3
+    assert sorted(resumed.losses) == [3]

@@ -3,7 +3,10 @@ and nvcc is found (no GPU needed). Use `pip install -e .`, or `pip install --no-
 to build against the torch already installed.
 
 GSQ_REQUIRE_CUDA=1 turns "no CUDA toolkit, CPU kernels only" into an error (CI sets it); a CUDA
-source that fails to compile always fails the build. GSQ_NO_CUDA=1 skips the CUDA kernels."""
+source that fails to compile always fails the build. GSQ_NO_CUDA=1 skips the CUDA kernels.
+GSQ_DEBUG_BUILD=1 keeps debug information (release builds strip it). MAX_JOBS=N caps the parallel
+compile jobs (ninja's and nvcc's); the default uses every core. pip shows the compiler's lines
+only with -v."""
 
 import importlib.util
 import os
@@ -27,7 +30,8 @@ def make_extension():
         raise RuntimeError(f"gsq_kernels: GSQ_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
     if with_cuda:
         build_config.ensure_cuda_arch_list()
-        print(f"gsq_kernels: building CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "auto")
+        print(f"gsq_kernels: building CPU and CUDA kernels (TORCH_CUDA_ARCH_LIST={arch_list})")
         extension_type = CUDAExtension
         extra = {"cxx": build_config.cxx_flags(True), "nvcc": build_config.nvcc_flags()}
     else:
@@ -51,7 +55,7 @@ def make_extension():
             super().run()
             for ext in self.extensions:
                 folder = os.path.dirname(self.get_ext_fullpath(ext.name))
-                build_config.write_build_info(folder, with_cuda)
+                build_config.write_build_info(folder, with_cuda, reason)
 
     return [extension], {"build_ext": BuildExtensionRecordingTorch.with_options(use_ninja=True)}
 

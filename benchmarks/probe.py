@@ -41,8 +41,14 @@ def _reset_peak_rss() -> bool:
 
 def _is_out_of_memory(error: BaseException) -> bool:
     text = str(error).lower()
-    return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate" in text or \
-        "cannot allocate" in text or "bad_alloc" in text or "failed to allocate" in text
+    return (
+        isinstance(error, MemoryError)
+        or "out of memory" in text
+        or "can't allocate" in text
+        or "cannot allocate" in text
+        or "bad_alloc" in text
+        or "failed to allocate" in text
+    )
 
 
 def run(spec: dict) -> dict:
@@ -53,7 +59,7 @@ def run(spec: dict) -> dict:
 
     setting = Setting(**spec["setting"])
     device = spec["device"]
-    fn = make_case(spec["implementation"], spec["mode"], setting, device)
+    fn = make_case(spec["implementation"], spec["mode"], setting, device, lookup=spec.get("lookup"))
     if spec.get("warmup"):
         fn()  # compilation / autotuning is not the call's memory
     result = {"status": "ok"}
@@ -79,10 +85,12 @@ def run(spec: dict) -> dict:
         start = time.perf_counter()
         fn()
         result["seconds"] = time.perf_counter() - start
-    except BaseException as error:  # noqa: BLE001 - allocation failures surface as many types
+    except BaseException as error:  # allocation failures surface as many types
         if _is_out_of_memory(error):
-            return {"status": "oom", "error": f"needs more than the {budget / 2**30:.1f} GiB budget: "
-                                              f"{str(error).splitlines()[0][:200]}"}
+            return {
+                "status": "oom",
+                "error": f"needs more than the {budget / 2**30:.1f} GiB budget: {str(error).splitlines()[0][:200]}",
+            }
         return {"status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
     peak = (_status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     result["peak_extra_bytes"] = max(0, peak - before)
@@ -102,7 +110,7 @@ def run_forked(spec: dict, timeout: float = 1800.0) -> dict:
         os.close(read_end)
         try:
             result = run(spec)
-        except BaseException as error:  # noqa: BLE001 - anything becomes an "error" result
+        except BaseException as error:  # anything becomes an "error" result
             result = {"status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
         os.write(write_end, (json.dumps(result) + "\n").encode())
         os._exit(0)

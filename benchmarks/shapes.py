@@ -1,4 +1,4 @@
-"""The quantizer settings benchmarked (and tested): the paper's (GSQ.md section 5), the core
+"""The quantizer settings benchmarked (and tested): the paper's (docs/spec.md, "Evaluation"), the core
 performance target, and sweeps of V and of d. One table for tests and benchmarks.
 
 A setting is a latent (batch, D, H, W) with G groups and V codes; 256x256 images give H = W = 256 / f
@@ -38,12 +38,14 @@ class Setting:
     def latent_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.channels, self.height, self.width)
 
-    def with_batch(self, batch: int) -> "Setting":
+    def with_batch(self, batch: int) -> Setting:
         return replace(self, batch=batch)
 
     def label(self) -> str:
-        return (f"{self.name} [B={self.batch}, D={self.channels}, {self.height}x{self.width}, "
-                f"G={self.groups}, d={self.code_dim}, V={self.codebook_size}]")
+        return (
+            f"{self.name} [B={self.batch}, D={self.channels}, {self.height}x{self.width}, "
+            f"G={self.groups}, d={self.code_dim}, V={self.codebook_size}]"
+        )
 
 
 def _paper(name: str, downsampling: int, channels: int, groups: int, codebook_size: int, batch: int) -> Setting:
@@ -51,7 +53,7 @@ def _paper(name: str, downsampling: int, channels: int, groups: int, codebook_si
     return Setting(name, batch, channels, side, side, groups, codebook_size)
 
 
-# The paper's headline configurations at 256x256 (GSQ.md section 5), batch 1 (set per device).
+# The paper's headline configurations at 256x256 (docs/spec.md, "Evaluation"), batch 1 (set per device).
 PAPER_SETTINGS = (
     _paper("F8-D64-G16-V8k", 8, 64, 16, 8_192, 1),
     _paper("F16-D16-G8-V256k", 16, 16, 8, 262_144, 1),
@@ -59,7 +61,7 @@ PAPER_SETTINGS = (
     _paper("F8-D8-G1-V256k", 8, 8, 1, 262_144, 1),
 )
 
-# The core performance target (issues #2, #5): latent (32, 64, 16, 16), G=16 (d=4), V=16,384.
+# The core performance target: latent (32, 64, 16, 16), G=16 (d=4), V=16,384.
 CORE_TARGET = Setting("core-target", 32, 64, 16, 16, 16, 16_384)
 
 V_SWEEP = tuple(2**k for k in (10, 12, 14, 16, 18, 20))
@@ -67,8 +69,10 @@ D_SWEEP_GROUPS = (64, 32, 16, 8, 4, 1)  # d = 1, 2, 4, 8, 16, 64 at D = 64
 
 
 def paper_settings(device: str) -> list[Setting]:
-    batches = {"cpu": {"F8-D64-G16-V8k": 2, "F16-D16-G8-V256k": 1, "F16-D16-G1-V256k": 1, "F8-D8-G1-V256k": 1},
-               "cuda": {"F8-D64-G16-V8k": 64, "F16-D16-G8-V256k": 64, "F16-D16-G1-V256k": 64, "F8-D8-G1-V256k": 64}}
+    batches = {
+        "cpu": {"F8-D64-G16-V8k": 2, "F16-D16-G8-V256k": 1, "F16-D16-G1-V256k": 1, "F8-D8-G1-V256k": 1},
+        "cuda": {"F8-D64-G16-V8k": 64, "F16-D16-G8-V256k": 64, "F16-D16-G1-V256k": 64, "F8-D8-G1-V256k": 64},
+    }
     return [s.with_batch(batches[device][s.name]) for s in PAPER_SETTINGS]
 
 

@@ -1,6 +1,7 @@
 // Declares every gsq op (the schemas); each backend registers its kernels for its dispatch key in
 // its own file (cpu/gsq_cpu.cpp, cuda/gsq_cuda.cpp), and gsq_kernels/ops.py registers the fake
-// (shape) functions and the autograd formulas, so torch.compile traces the ops without graph breaks.
+// (shape) functions and the autograd formulas, so torch.compile traces the ops without graph
+// breaks.
 //
 // The ops work on flattened group vectors: z is (M, d) with M = (number of positions) * G, and
 // codebook is (V, d), float32 (float64 for float64 z). Layout handling lives in Python.
@@ -30,4 +31,15 @@ TORCH_LIBRARY(gsq, m) {
   // The lookup alone (inference, tokenization): indices (M,) int64.
   m.def("nearest_code(Tensor z, Tensor codebook, float eps, bool l2_normalize) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // The lookup plus its margin, for exact nearest codes: indices as nearest_code, and
+  // gap (M,) float32 (float64 for float64 z) = s_best - s_second, the winner's score minus the best
+  // score of any other code (0 on a tie; +inf when V == 1 and for rows holding NaN/inf), in the
+  // units of the scores
+  //   l2 on : s_j = <n, c_j / max(||c_j||, eps)>, n = z / max(||z||, eps)
+  //   l2 off: s_j = <z, c_j> - ||c_j||^2 / 2.
+  // The caller re-decides in higher precision only the rows whose gap is within rounding error.
+  m.def(
+      "nearest_code_with_gap(Tensor z, Tensor codebook, float eps, bool l2_normalize) "
+      "-> (Tensor indices, Tensor gap)",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -1,5 +1,5 @@
 """Typed configuration of a GSQ-GAN run: dataclasses whose defaults are the paper's recipe
-(GSQ.md sections 3-5), named presets, and `section.key=value` overrides checked against the field
+(docs/spec.md, "Recipe"), named presets, and `section.key=value` overrides checked against the field
 types (unknown keys are rejected with a suggestion).
 
     config = preset("tiny")
@@ -15,6 +15,9 @@ import json
 import typing
 from dataclasses import dataclass, field
 
+from gsq_kernels.dispatch import BACKEND_NAMES
+from gsq_kernels.lookup import LOOKUP_MODES
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the field."""
@@ -26,8 +29,15 @@ class ModelConfig:
     channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)  # down-sampling = 2 ** (len - 1): F8
     res_blocks: int = 2  # ResBlocks per level (after the channel-changing one, if any)
     mid_blocks: int = 2  # ResBlocks in the middle of the encoder and of the decoder
+    # Per-level counts, one per channel multiplier in the same order, overriding res_blocks for one
+    # network; () = res_blocks everywhere. (flex_gen's encoder/decoder_layer_configs without their
+    # last entry, which is the mid count.)
+    encoder_res_blocks: tuple[int, ...] = ()
+    decoder_res_blocks: tuple[int, ...] = ()
+    decoder_mid_blocks: int = -1  # mid ResBlocks of the decoder; -1 = mid_blocks
     mid_attention: bool = True  # single-head self-attention between consecutive mid ResBlocks
     adaptive_norm: bool = True  # decoder GroupNorms conditioned on the quantized map
+    upsample: str = "depth_to_space"  # conv3x3 C->4C + depth-to-space 2x (the paper), or "nearest" + conv3x3
     dropout: float = 0.0  # inside ResBlocks (the paper: none)
     latent_channels: int = 64  # D
     groups: int = 16  # G, with D = G * d
@@ -36,10 +46,21 @@ class ModelConfig:
     l2_normalize: bool = True  # cosine lookup on the unit sphere
     codebook_init: str = "spherical"  # or "uniform" (the ablation's baseline)
     quantizer_backend: str = "auto"  # gsq_kernels backend: auto, cpu, cuda, triton, reference
+    quantizer_lookup: str = "exact"  # the nearest code, or "dot": the official fp32 dot product
 
     @property
     def downsampling(self) -> int:
         return 2 ** (len(self.channel_multipliers) - 1)
+
+    def level_res_blocks(self, network: str) -> tuple[int, ...]:
+        """ResBlocks of each level of "encoder" or "decoder" (after the width-changing one), in
+        channel_multipliers order."""
+        counts = self.encoder_res_blocks if network == "encoder" else self.decoder_res_blocks
+        return tuple(counts) if counts else (self.res_blocks,) * len(self.channel_multipliers)
+
+    def middle_blocks(self, network: str) -> int:
+        """Mid ResBlocks of "encoder" or "decoder"."""
+        return self.decoder_mid_blocks if network == "decoder" and self.decoder_mid_blocks >= 0 else self.mid_blocks
 
 
 @dataclass
@@ -122,10 +143,10 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
+    def from_dict(cls, data: dict) -> RunConfig:
         """Rebuild a config (e.g. from a checkpoint), checking every key and type."""
         config = _from_dict(cls, data, "")
-        validate(config)
+        check_config(config)
         return config
 
     @property
@@ -138,13 +159,14 @@ class RunConfig:
 
 
 def _paper(name: str, multipliers: tuple[int, ...], latent: int, groups: int, codebook: int) -> RunConfig:
-    """The paper's ImageNet 256x256 recipe (GSQ.md sections 3-5): 50k steps at a global batch of
+    """The paper's ImageNet 256x256 recipe (docs/spec.md, "Recipe"): 50k steps at a global batch of
     512, e.g. batch 64 per GPU on 8 GPUs (or fewer GPUs with train.grad_accum_steps). Needs
     data.path (the ImageNet-1k train folder)."""
     return RunConfig(
         preset=name,
-        model=ModelConfig(channel_multipliers=multipliers, latent_channels=latent, groups=groups,
-                          codebook_size=codebook),
+        model=ModelConfig(
+            channel_multipliers=multipliers, latent_channels=latent, groups=groups, codebook_size=codebook
+        ),
         data=DataConfig(image_size=256, batch_size=64, num_workers=8),
         train=TrainConfig(steps=50_000),
     )
@@ -159,15 +181,23 @@ def _tiny() -> RunConfig:
     50k steps with a DINO discriminator) would compete with the reconstruction from the start."""
     return RunConfig(
         preset="tiny",
-        model=ModelConfig(width=32, channel_multipliers=(1, 1, 2, 2), res_blocks=1, mid_blocks=1,
-                          mid_attention=False, latent_channels=16, groups=4, codebook_size=64),
-        discriminator=DiscriminatorConfig(kind="patchgan", patchgan_channels=32, patchgan_layers=2,
-                                          start_step=1_200),
+        model=ModelConfig(
+            width=32,
+            channel_multipliers=(1, 1, 2, 2),
+            res_blocks=1,
+            mid_blocks=1,
+            mid_attention=False,
+            latent_channels=16,
+            groups=4,
+            codebook_size=64,
+        ),
+        discriminator=DiscriminatorConfig(kind="patchgan", patchgan_channels=32, patchgan_layers=2, start_step=1_200),
         data=DataConfig(image_size=64, batch_size=16, num_workers=0, validation_images=64),
         # 0.999 ** 1800 would leave 17% of the random initial weights in the EMA; 0.995 ** 1800: 0.01%.
         optim=OptimConfig(ema_decay=0.995),
-        train=TrainConfig(steps=1_800, log_every=25, eval_every=200, grid_every=600, checkpoint_every=300,
-                          max_minutes=14.0),
+        train=TrainConfig(
+            steps=1_800, log_every=25, eval_every=200, grid_every=600, checkpoint_every=300, max_minutes=14.0
+        ),
     )
 
 
@@ -187,7 +217,7 @@ def preset(name: str) -> RunConfig:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}")
     config = PRESETS[name]()
-    validate(config)
+    check_config(config)
     return config
 
 
@@ -211,7 +241,7 @@ _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
 
-def _convert(value, hint, path: str):
+def _convert(value: object, hint: typing.Any, path: str) -> object:
     """`value` (a command-line string or a JSON value) as the type `hint`, or ConfigError."""
     if hint is bool:
         if isinstance(value, bool):
@@ -259,7 +289,7 @@ def _convert(value, hint, path: str):
     raise ConfigError(f"{path}: unsupported field type {hint}")
 
 
-def _from_dict(cls, data, prefix: str):
+def _from_dict(cls: type, data: object, prefix: str) -> typing.Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -309,28 +339,49 @@ def _at_least(path: str, value, minimum) -> None:
         raise ConfigError(f"{path} must be >= {minimum}, got {value}")
 
 
-def validate(config: RunConfig) -> None:
+def check_config(config: RunConfig) -> None:
     """Checks that involve values (and several fields), with messages naming the fields."""
-    m = config.model
+    _check_model(config.model)
+    _check_discriminator(config.discriminator)
+    _check_losses(config.loss)
+    _check_optimizer(config.optim)
+    _check_data(config.data, config.model)
+    _check_schedule(config.train)
+
+
+def _check_model(m: ModelConfig) -> None:
     for name in ("width", "latent_channels", "groups", "codebook_size", "res_blocks"):
         _at_least(f"model.{name}", getattr(m, name), 1)
     _at_least("model.mid_blocks", m.mid_blocks, 0)
+    _at_least("model.decoder_mid_blocks", m.decoder_mid_blocks, -1)
+    for name in ("encoder_res_blocks", "decoder_res_blocks"):
+        counts = getattr(m, name)
+        if counts and (len(counts) != len(m.channel_multipliers) or min(counts) < 0):
+            raise ConfigError(
+                f"model.{name} must be empty or hold one count >= 0 per channel multiplier "
+                f"({len(m.channel_multipliers)}), got {counts}"
+            )
     if m.latent_channels % m.groups:
         raise ConfigError(f"model.latent_channels={m.latent_channels} is not divisible by model.groups={m.groups}")
     if not m.channel_multipliers or any(x < 1 for x in m.channel_multipliers):
         raise ConfigError(f"model.channel_multipliers must be positive integers, got {m.channel_multipliers}")
     for x in m.channel_multipliers:
         if (m.width * x) % 32:
-            raise ConfigError(f"model.width * each channel multiplier must be a multiple of 32 (GroupNorm(32)); "
-                              f"{m.width} * {x} = {m.width * x}")
+            raise ConfigError(
+                f"model.width * each channel multiplier must be a multiple of 32 (GroupNorm(32)); "
+                f"{m.width} * {x} = {m.width * x}"
+            )
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.beta < 0:
         raise ConfigError(f"model.beta must be >= 0, got {m.beta}")
     _choice("model.codebook_init", m.codebook_init, ("spherical", "uniform"))
-    _choice("model.quantizer_backend", m.quantizer_backend, ("auto", "cpu", "cuda", "triton", "reference"))
+    _choice("model.upsample", m.upsample, ("depth_to_space", "nearest"))
+    _choice("model.quantizer_backend", m.quantizer_backend, ("auto", *BACKEND_NAMES))
+    _choice("model.quantizer_lookup", m.quantizer_lookup, LOOKUP_MODES)
 
-    d = config.discriminator
+
+def _check_discriminator(d: DiscriminatorConfig) -> None:
     _choice("discriminator.kind", d.kind, ("dino", "patchgan", "none"))
     _choice("discriminator.dino_fallback", d.dino_fallback, ("patchgan", "error"))
     _at_least("discriminator.dino_resolution", d.dino_resolution, 14)
@@ -340,22 +391,27 @@ def validate(config: RunConfig) -> None:
     for policy in filter(None, (p.strip() for p in d.diffaugment.split(","))):
         _choice("discriminator.diffaugment entries", policy, ("color", "translation", "cutout"))
 
-    loss = config.loss
+
+def _check_losses(loss: LossConfig) -> None:
     for name in ("reconstruction", "perceptual", "quantizer", "adversarial", "discriminator"):
         _at_least(f"loss.{name}", getattr(loss, name), 0)
     _choice("loss.perceptual_fallback", loss.perceptual_fallback, ("disable", "error"))
 
-    o = config.optim
+
+def _check_optimizer(o: OptimConfig) -> None:
     if o.lr <= 0 or o.grad_clip <= 0 or o.eps <= 0:
         raise ConfigError("optim.lr, optim.eps and optim.grad_clip must be > 0")
     if not all(0 <= b < 1 for b in o.betas) or not 0 <= o.ema_decay < 1:
         raise ConfigError("optim.betas and optim.ema_decay must be in [0, 1)")
     _at_least("optim.weight_decay", o.weight_decay, 0)
 
-    data = config.data
+
+def _check_data(data: DataConfig, m: ModelConfig) -> None:
     if data.image_size % m.downsampling:
-        raise ConfigError(f"data.image_size={data.image_size} must be divisible by the down-sampling factor "
-                          f"{m.downsampling} of model.channel_multipliers")
+        raise ConfigError(
+            f"data.image_size={data.image_size} must be divisible by the down-sampling factor "
+            f"{m.downsampling} of model.channel_multipliers"
+        )
     if data.resize and data.resize < data.image_size:
         raise ConfigError(f"data.resize={data.resize} must be 0 or >= data.image_size={data.image_size}")
     for name in ("image_size", "batch_size", "validation_images", "bundled_epoch_size"):
@@ -364,9 +420,17 @@ def validate(config: RunConfig) -> None:
     if not 0 <= data.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in [0, 1), got {data.validation_fraction}")
 
-    t = config.train
-    for name in ("steps", "grad_accum_steps", "log_every", "eval_every", "grid_every", "checkpoint_every",
-                 "keep_checkpoints"):
+
+def _check_schedule(t: TrainConfig) -> None:
+    for name in (
+        "steps",
+        "grad_accum_steps",
+        "log_every",
+        "eval_every",
+        "grid_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+    ):
         _at_least(f"train.{name}", getattr(t, name), 1)
     _choice("train.mixed_precision", t.mixed_precision, ("auto", "bf16", "none"))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))

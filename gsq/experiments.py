@@ -1,4 +1,4 @@
-"""`gsq experiment ablation`: the paper's small-scale codebook ablation (GSQ.md section 5), at a
+"""`gsq experiment ablation`: the paper's small-scale codebook ablation (docs/spec.md, section "Evaluation"), at a
 scale the 2-core CPU trains in under 30 minutes.
 
 The paper (128x128 ImageNet, no GAN, D=8, V=8192): uniform initialization without l2 in the lookup
@@ -8,6 +8,8 @@ grouping, more groups at the same D and V reconstruct better (table of section 5
 Here: the tiny autoencoder (no GAN, no LPIPS term) on 64x64 crops of the bundled photos, D=8,
 V=1024, the same steps, seed and data for every arm:
   (a) uniform init, no l2, G=1     (b) spherical init, l2, G=1     (c) spherical init, l2, G=4
+and, for the lookup, D=16 in G=8 groups of d=2 with V=65,536:
+  (d) lookup="dot" (fp32 dot product)    (e) lookup="exact" (the nearest code)
 Each arm's EMA weights are evaluated on the held-out photos (PSNR, SSIM, LPIPS-Alex when its
 weights are available, codebook usage and perplexity over the validation tokens, and usage over
 the last training steps). The table goes to <output>/ablation.md and ablation.json.
@@ -16,13 +18,13 @@ the last training steps). The table goes to <output>/ablation.md and ablation.js
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import apply_overrides, preset
 from .evaluate import EvalConfig, evaluate_checkpoint
+from .metrics import format_metric
 
 
 @dataclass(frozen=True)
@@ -36,16 +38,35 @@ ARMS = (
     Arm("a", "uniform init, no l2, G=1", ("model.codebook_init=uniform", "model.l2_normalize=false", "model.groups=1")),
     Arm("b", "spherical init, l2, G=1", ("model.codebook_init=spherical", "model.l2_normalize=true", "model.groups=1")),
     Arm("c", "spherical init, l2, G=4", ("model.codebook_init=spherical", "model.l2_normalize=true", "model.groups=4")),
+    # The lookup itself at the headline's d = 2 with a large codebook: the fp32 dot product (the
+    # official code's) against the exact nearest code, everything else equal.
+    Arm(
+        "d",
+        "d=2, V=65536, dot lookup",
+        ("model.latent_channels=16", "model.groups=8", "model.codebook_size=65536", "model.quantizer_lookup=dot"),
+    ),
+    Arm(
+        "e",
+        "d=2, V=65536, exact lookup",
+        ("model.latent_channels=16", "model.groups=8", "model.codebook_size=65536", "model.quantizer_lookup=exact"),
+    ),
 )
 
 # Shared by every arm: the tiny autoencoder, without the GAN and LPIPS terms (the paper's ablation
 # has no GAN; LPIPS weights may be unavailable offline, and the arms must train the same losses).
-BASE = ("discriminator.kind=none", "loss.perceptual=0", "loss.adversarial=0", "model.latent_channels=8",
-        "model.codebook_size=1024", "train.max_minutes=0")
+BASE = (
+    "discriminator.kind=none",
+    "loss.perceptual=0",
+    "loss.adversarial=0",
+    "model.latent_channels=8",
+    "model.codebook_size=1024",
+    "train.max_minutes=0",
+)
 
 
-def run_ablation(output: str | Path = "runs/ablation", steps: int = 1500, arms: str = "abc",
-                 progress: bool = True) -> dict:
+def run_ablation(
+    output: str | Path = "runs/ablation", steps: int = 1500, arms: str = "abcde", progress: bool = True
+) -> dict:
     from .train import train
 
     output = Path(output)
@@ -57,9 +78,17 @@ def run_ablation(output: str | Path = "runs/ablation", steps: int = 1500, arms: 
     results = {}
     started = time.perf_counter()
     for arm in (a for a in ARMS if a.key in arms):
-        overrides = [*BASE, *arm.overrides, f"train.steps={steps}", f"train.eval_every={steps}",
-                     f"train.grid_every={steps}", f"train.checkpoint_every={steps}", f"train.log_every={max(1, steps // 20)}",
-                     f"train.run_dir={output}", f"train.name=arm-{arm.key}"]
+        overrides = [
+            *BASE,
+            *arm.overrides,
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            f"train.grid_every={steps}",
+            f"train.checkpoint_every={steps}",
+            f"train.log_every={max(1, steps // 20)}",
+            f"train.run_dir={output}",
+            f"train.name=arm-{arm.key}",
+        ]
         config = apply_overrides(preset("tiny"), overrides)
         run_dir = output / f"arm-{arm.key}"
         if (run_dir / "checkpoints" / "latest").exists():
@@ -69,12 +98,19 @@ def run_ablation(output: str | Path = "runs/ablation", steps: int = 1500, arms: 
             result = train(config, progress=progress)
             if result.stop_reason != "finished":
                 raise RuntimeError(f"arm ({arm.key}) stopped: {result.stop_reason}")
-        report = evaluate_checkpoint(EvalConfig(checkpoint=str(run_dir), num_workers=0, progress=False,
-                                                output=str(run_dir / "eval")))
+        report = evaluate_checkpoint(
+            EvalConfig(
+                checkpoint=str(run_dir), num_workers=0, progress=False, output=str(run_dir / "eval"), overwrite=True
+            )
+        )  # this experiment's own report, re-made
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         train_usage = [r["train_usage_percent"] for r in records if r["kind"] == "train"][-1]
-        results[arm.key] = {"label": arm.label, "overrides": list(arm.overrides), **report["metrics"],
-                            "train_usage_percent": train_usage}
+        results[arm.key] = {
+            "label": arm.label,
+            "overrides": list(arm.overrides),
+            **report["metrics"],
+            "train_usage_percent": train_usage,
+        }
     summary = {"steps": steps, "base": list(BASE), "arms": results, "minutes": (time.perf_counter() - started) / 60}
     output.mkdir(parents=True, exist_ok=True)
     (output / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -83,14 +119,15 @@ def run_ablation(output: str | Path = "runs/ablation", steps: int = 1500, arms: 
     return summary
 
 
-def _value(value, digits: int) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
 def ablation_table(summary: dict) -> str:
-    lines = ["| arm | codebook | val. usage | train usage | perplexity | PSNR (dB) | SSIM | LPIPS |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | codebook | val. usage | train usage | perplexity | PSNR (dB) | SSIM | LPIPS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, r in summary["arms"].items():
-        lines.append(f"| ({key}) | {r['label']} | {r['usage_percent']:.1f}% | {r['train_usage_percent']:.1f}% | "
-                     f"{r['perplexity']:.1f} | {_value(r['psnr'], 2)} | {_value(r['ssim'], 3)} | {_value(r['lpips'], 3)} |")
+        lines.append(
+            f"| ({key}) | {r['label']} | {r['usage_percent']:.1f}% | {r['train_usage_percent']:.1f}% | "
+            f"{r['perplexity']:.1f} | {format_metric(r['psnr'], 2)} | {format_metric(r['ssim'], 3)} | "
+            f"{format_metric(r['lpips'], 3)} |"
+        )
     return "\n".join(lines)

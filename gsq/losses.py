@@ -1,4 +1,4 @@
-"""Losses of GSQ-GAN (GSQ.md section 3).
+"""Losses of GSQ-GAN (docs/spec.md, "Recipe").
 
 Generator: 1.0 x MSE + 1.0 x LPIPS(VGG) + 1.0 x quantizer loss + 0.1 x non-saturating adversarial
 loss; discriminator: 1.0 x hinge loss. No adaptive weight, no gradient penalty, no LeCAM.
@@ -34,12 +34,13 @@ LPIPS_BACKBONES = {
     "vgg": ("VGG16", VGG16_URL, "GSQ_VGG_WEIGHTS"),  # the training loss
     "alex": ("AlexNet", ALEXNET_URL, "GSQ_ALEXNET_WEIGHTS"),  # the evaluation metric
 }
+LPIPS_OPTIONS = {"vgg": "loss.vgg_weights=FILE", "alex": "--alexnet-weights FILE"}  # named when missing
 
 
 def load_torchvision_features(model: nn.Module, state: dict) -> nn.Module:
     """Copy torchvision VGG16 / AlexNet `features.*` tensors into an lpips.LPIPS backbone (its
     slices keep torchvision's layer indices as module names)."""
-    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     if not features:
         raise ValueError("no 'features.*' tensors: expected a torchvision VGG16 / AlexNet state dict")
     copied = 0
@@ -50,8 +51,9 @@ def load_torchvision_features(model: nn.Module, state: dict) -> nn.Module:
                 if key not in features:
                     raise ValueError(f"features.{key} is missing")
                 if features[key].shape != parameter.shape:
-                    raise ValueError(f"features.{key} has shape {tuple(features[key].shape)}, expected "
-                                     f"{tuple(parameter.shape)}")
+                    raise ValueError(
+                        f"features.{key} has shape {tuple(features[key].shape)}, expected {tuple(parameter.shape)}"
+                    )
                 parameter.data.copy_(features[key])
                 copied += 1
     if copied == 0:
@@ -71,9 +73,15 @@ def build_lpips(net: str = "vgg", weights_file: str = "") -> tuple[nn.Module, st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's deprecation notes about `pretrained`
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-    model, source = resolve(f"LPIPS ({label})", weights_file, env_var,
-                            lambda path: load_torchvision_features(model, load_state_dict_file(path)),
-                            lambda: load_torchvision_features(model, torchvision_state_dict(url)))
+    model, source = resolve(
+        f"LPIPS ({label})",
+        weights_file,
+        env_var,
+        lambda path: load_torchvision_features(model, load_state_dict_file(path)),
+        lambda: load_torchvision_features(model, torchvision_state_dict(url)),
+        option=LPIPS_OPTIONS[net],
+        file=f"torchvision's {url.rsplit('/', 1)[-1]}",
+    )
     return model.eval().requires_grad_(False), source
 
 

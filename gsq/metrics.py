@@ -1,4 +1,4 @@
-"""What the trainer measures (GSQ.md sections 1 and 4) and its reconstruction grids.
+"""What the trainer and `gsq eval` measure (docs/spec.md, section "Evaluation") and the reconstruction grids.
 
 - PSNR = 10 log10(1 / MSE) with the MSE pooled over every pixel of every image (data range 1),
   after clamping reconstructions to [-1, 1] and mapping both to [0, 1].
@@ -9,7 +9,7 @@
 - Frechet distance of two feature sets (rFID with InceptionV3 pool features): from float64 running
   sums (count, sum, sum of outer products), so ranks reduce three tensors instead of gathering
   every feature vector.
-Sums are reduced over ranks with all_reduce, so every rank must call `compute` at the same point.
+Sums are reduced over ranks (gsq.distributed), so every rank must call `compute` at the same point.
 """
 
 from __future__ import annotations
@@ -19,20 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from gsq_kernels import usage_perplexity, usage_percent
+from gsq_kernels import usage_percent, usage_perplexity
 
-
-def _all_reduce(values: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
-        reduced = values.to(device)
-        dist.all_reduce(reduced)
-        return reduced.to(values.device)
-    return values
+from .distributed import all_reduce_sum
 
 
 def to_unit_range(images: Tensor) -> Tensor:
@@ -41,6 +33,11 @@ def to_unit_range(images: Tensor) -> Tensor:
 
 def psnr_from_mse(mse: float) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def format_metric(value: float | None, digits: int, missing: str = "n/a") -> str:
+    """`value` with `digits` decimals, or `missing` for a metric that could not be computed (None or NaN)."""
+    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 class PSNRMeter:
@@ -55,7 +52,7 @@ class PSNRMeter:
         self.sums += torch.stack([error.cpu(), torch.tensor(float(images.numel()), dtype=torch.float64)])
 
     def compute(self) -> dict:
-        squared_error, pixels = _all_reduce(self.sums.clone()).tolist()
+        squared_error, pixels = all_reduce_sum(self.sums).tolist()
         mse = squared_error / pixels if pixels else math.nan
         return {"mse": mse, "psnr": psnr_from_mse(mse) if pixels else math.nan}
 
@@ -76,7 +73,7 @@ class CodebookUsage:
         self.counts.zero_()
 
     def compute(self) -> dict:
-        counts = _all_reduce(self.counts.clone()).cpu()
+        counts = all_reduce_sum(self.counts).cpu()
         return {"usage_percent": usage_percent(counts), "perplexity": usage_perplexity(counts)}
 
 
@@ -93,7 +90,7 @@ def save_comparison_grid(originals: Tensor, reconstructions: Tensor, path: Path,
     for r, row in enumerate(rows):
         for c in range(n):
             top, left = pad + r * (h + pad), pad + c * (w + pad)
-            canvas[:, top:top + h, left:left + w] = row[c]
+            canvas[:, top : top + h, left : left + w] = row[c]
     array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
@@ -147,7 +144,7 @@ class MeanMeter:
         self.sums += torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64)])
 
     def compute(self) -> float:
-        total, count = _all_reduce(self.sums.clone()).tolist()
+        total, count = all_reduce_sum(self.sums).tolist()
         return total / count if count else math.nan
 
 
@@ -174,7 +171,7 @@ class FeatureMoments:
 
     def mean_and_covariance(self) -> tuple[Tensor, Tensor]:
         """Mean and unbiased covariance (as numpy.cov) over every rank's features."""
-        count, total, outer = (_all_reduce(t.clone()) for t in (self.count, self.sum, self.outer))
+        count, total, outer = (all_reduce_sum(t) for t in (self.count, self.sum, self.outer))
         n = float(count)
         if n < 2:
             raise ValueError(f"a Frechet distance needs at least 2 feature vectors, got {int(n)}")

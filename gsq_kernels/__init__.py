@@ -11,8 +11,8 @@ Backends are discovered once at import (logged on the "gsq_kernels" logger at IN
 from . import reference
 from .dispatch import BackendUnavailableError, available_backends, backend_report
 from .functional import GSQOutput, decode_indices, grouped_spherical_quantize, nearest_code_indices
-from .module import GroupedSphericalQuantizer, spherical_init, uniform_init, usage_perplexity, usage_percent
-from .ops import cpu_isa
+from .module import GroupedSphericalQuantizer, spherical_init, uniform_init, usage_percent, usage_perplexity
+from .ops import cpu_isa, set_cpu_isa
 
 __version__ = "0.1.0"
 
@@ -30,5 +30,6 @@ __all__ = [
     "backend_report",
     "BackendUnavailableError",
     "cpu_isa",
+    "set_cpu_isa",
     "reference",
 ]

@@ -33,6 +33,7 @@ class ExtensionStatus:
     loaded: bool
     with_cuda: bool
     origin: str  # "prebuilt", "compiled at import (<folder>)", or why it is missing
+    cuda_skipped: str = ""  # why a loaded library has no CUDA kernels (GSQ_NO_CUDA=1, CPU-only torch, ...)
 
 
 def prebuilt_mismatch(info_path: Path) -> str | None:
@@ -45,8 +46,10 @@ def prebuilt_mismatch(info_path: Path) -> str | None:
     except (OSError, ValueError) as error:
         return f"{info_path.name} is unreadable ({error})"
     if info.get("torch_version") != torch.__version__:
-        return (f"gsq_kernels._C was built against torch {info.get('torch_version')} but torch "
-                f"{torch.__version__} is running")
+        return (
+            f"gsq_kernels._C was built against torch {info.get('torch_version')} but torch "
+            f"{torch.__version__} is running"
+        )
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     if info.get("python") != python:
         return f"gsq_kernels._C was built for Python {info.get('python')}, this is {python}"
@@ -55,14 +58,15 @@ def prebuilt_mismatch(info_path: Path) -> str | None:
 
 def _cache_folder(with_cuda: bool) -> Path:
     root = os.environ.get("GSQ_KERNELS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gsq_kernels")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gsq_kernels"
+    )
     digest = hashlib.sha256()
-    for source in build_config.sources(with_cuda):
-        digest.update(Path(source).read_bytes())
-    for header in sorted(build_config.source_root().rglob("*.h")) + sorted(build_config.source_root().rglob("*.cuh")):
-        digest.update(header.read_bytes())
-    tag = (f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-"
-           f"{'cuda' if with_cuda else 'cpu'}-{digest.hexdigest()[:12]}")
+    for path in build_config.input_files():  # compiled and included files alike
+        digest.update(path.read_bytes())
+    tag = (
+        f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-"
+        f"{'cuda' if with_cuda else 'cpu'}-{digest.hexdigest()[:12]}"
+    )
     return Path(root) / tag.replace("+", "_")
 
 
@@ -72,9 +76,13 @@ def _compile_now(reason: str) -> ExtensionStatus:
     with_cuda, cuda_reason = build_config.cuda_toolkit_status()
     folder = _cache_folder(with_cuda)
     folder.mkdir(parents=True, exist_ok=True)
-    log.warning("gsq_kernels: %s; compiling the kernels for torch %s into %s (once; this takes a "
-                "minute or two)%s", reason, torch.__version__, folder,
-                "" if with_cuda else f" [CPU only: {cuda_reason}]")
+    log.warning(
+        "gsq_kernels: %s; compiling the kernels for torch %s into %s (once; this takes a minute or two)%s",
+        reason,
+        torch.__version__,
+        folder,
+        "" if with_cuda else f" [CPU only: {cuda_reason}]",
+    )
     if with_cuda:
         build_config.ensure_cuda_arch_list()
     cpp_extension.load(
@@ -89,7 +97,7 @@ def _compile_now(reason: str) -> ExtensionStatus:
         is_python_module=False,
         verbose=False,
     )
-    return ExtensionStatus(True, with_cuda, f"compiled at import into {folder}")
+    return ExtensionStatus(True, with_cuda, f"compiled at import into {folder}", cuda_reason)
 
 
 def load() -> ExtensionStatus:
@@ -103,20 +111,28 @@ def load() -> ExtensionStatus:
         try:
             importlib.import_module("gsq_kernels._C")
             info = json.loads(info_path.read_text())
-            return ExtensionStatus(True, bool(info.get("with_cuda")), "prebuilt")
+            return ExtensionStatus(True, bool(info.get("with_cuda")), "prebuilt", info.get("cuda_skipped", ""))
         except (ImportError, OSError) as error:
             mismatch = f"gsq_kernels._C failed to load ({error})"
     if os.environ.get("GSQ_NO_COMPILE", "0") == "1":
-        warnings.warn(f"gsq_kernels: {mismatch}; GSQ_NO_COMPILE=1 forbids compiling it now, so only "
-                      "the reference backend is available", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"gsq_kernels: {mismatch}; GSQ_NO_COMPILE=1 forbids compiling it now, so only "
+            "the reference backend is available",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return ExtensionStatus(False, False, mismatch)
     try:
         return _compile_now(mismatch)
     except Exception as error:  # a failed build must not make the package unimportable
-        warnings.warn(f"gsq_kernels: {mismatch}, and compiling it failed ({type(error).__name__}: "
-                      f"{error}). Falling back to the pure-PyTorch reference backend (slow, memory-"
-                      "hungry). Reinstall with `pip install --no-build-isolation -e .` to see the "
-                      "build log.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"gsq_kernels: {mismatch}, and compiling it failed ({type(error).__name__}: "
+            f"{error}). Falling back to the pure-PyTorch reference backend (slow, memory-"
+            "hungry). Reinstall with `pip install --no-build-isolation -e .` to see the "
+            "build log.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return ExtensionStatus(False, False, f"{mismatch}; compiling failed: {error}")
 
 

@@ -20,7 +20,9 @@ from .backends.base import Backend
 
 log = logging.getLogger("gsq_kernels")
 
-BACKEND_MODULES = ("reference", "cpu", "cuda", "triton")
+# Backend name -> its module in gsq_kernels/backends.
+BACKEND_MODULES: dict[str, str] = {"reference": "pure_pytorch", "cpu": "cpu", "cuda": "cuda", "triton": "triton"}
+BACKEND_NAMES: tuple[str, ...] = tuple(BACKEND_MODULES)
 
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
@@ -34,9 +36,9 @@ class BackendUnavailableError(RuntimeError):
 
 def _discover() -> dict[str, Backend]:
     found: dict[str, Backend] = {}
-    for name in BACKEND_MODULES:
+    for name, module_name in BACKEND_MODULES.items():
         try:
-            module = importlib.import_module(f".backends.{name}", __package__)
+            module = importlib.import_module(f".backends.{module_name}", __package__)
         except ImportError as error:  # a backend whose module is not there yet, or whose deps are missing
             log.debug("gsq_kernels: backend %s not importable: %s", name, error)
             continue
@@ -51,7 +53,7 @@ def backend_report() -> str:
     lines = []
     for backend in BACKENDS.values():
         state = "available" if backend.available else "unavailable"
-        lines.append(f"  {backend.name:9s} {state:11s} {backend.reason}")
+        lines.append(f"  {backend.name:9s} {state:11s} {backend.status}")
     return "gsq_kernels backends:\n" + "\n".join(lines)
 
 
@@ -59,10 +61,7 @@ log.info(backend_report())
 
 
 def available_backends(device_type: str | None = None) -> list[str]:
-    return [
-        b.name for b in BACKENDS.values()
-        if b.available and (device_type is None or device_type in b.device_types)
-    ]
+    return [b.name for b in BACKENDS.values() if b.available and (device_type is None or device_type in b.device_types)]
 
 
 def check_backend_name(name: str) -> None:
@@ -71,11 +70,11 @@ def check_backend_name(name: str) -> None:
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
         return
-    if name not in BACKEND_MODULES:
-        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_MODULES)}, got {name!r}")
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {name!r}")
     backend = BACKENDS.get(name)
     if backend is None or not backend.available:
-        reason = backend.reason if backend is not None else "its module could not be imported"
+        reason = backend.status if backend is not None else "its module could not be imported"
         how = f" To get it: {backend.how_to_get}." if backend is not None else ""
         raise BackendUnavailableError(f"gsq_kernels backend {name!r} is not available: {reason}.{how}")
 

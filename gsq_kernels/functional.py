@@ -16,10 +16,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, exact, reference
+from .lookup import check_lookup
+from .ops import loss_from_rows
 from .reference import compute_dtype
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+EPS_MIN, EPS_MAX = torch.finfo(torch.float32).tiny, 1.0
 
 
 class GSQOutput(NamedTuple):
@@ -32,9 +35,7 @@ def _check_tensor(name: str, value, floating: bool = True) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if floating and value.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, float16, bfloat16 or float64, got {value.dtype}"
-        )
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {value.dtype}")
 
 
 def _check_groups(groups, channels: int) -> int:
@@ -47,23 +48,34 @@ def _check_groups(groups, channels: int) -> int:
     return channels // groups
 
 
-def _check_scalars(beta, eps) -> None:
+def check_scalars(beta, eps) -> None:
+    """beta >= 0 and finite; eps a positive float32 normal number no larger than 1 (a smaller eps
+    underflows in float32 and a zero vector then normalizes to NaN). torch.compile(dynamic=True)
+    traces module floats as symbolic values: under compile they are checked with torch._check."""
+    if torch.compiler.is_compiling():
+        torch._check(beta >= 0, lambda: "beta must be >= 0")
+        torch._check(eps > 0, lambda: "eps must be > 0")
+        return
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (EPS_MIN <= eps <= EPS_MAX):
+        raise ValueError(f"eps must be a number in [{EPS_MIN:.3g}, {EPS_MAX:g}] (float32's normal range), got {eps!r}")
 
 
-def _check_finite(z: Tensor) -> None:
+def check_finite(name: str, tensor: Tensor) -> None:
+    """Raises on NaN/inf in z or the codebook: such a vector has no nearest code, and a NaN code
+    would poison the loss of every row. check_finite=False skips this: rows holding NaN/inf then
+    take index 0, and with a non-finite code the indices stay in [0, V) but which code wins is
+    unspecified (a NaN distance has no order)."""
     if torch.compiler.is_compiling():
         # A count would need a host sync, which torch.compile cannot trace without a graph break.
-        torch._assert_async(torch.isfinite(z).all(), "z contains non-finite values (NaN or inf)")
+        torch._assert_async(torch.isfinite(tensor).all(), f"{name} contains non-finite values (NaN or inf)")
         return
-    bad = z.numel() - int(torch.isfinite(z).sum())
+    bad = tensor.numel() - int(torch.isfinite(tensor).sum())
     if bad:
         raise ValueError(
-            f"z contains {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf) out of "
-            f"{z.numel()}; pass check_finite=False to skip this check (indices then stay in range "
+            f"{name} contains {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf) out of "
+            f"{tensor.numel()}; pass check_finite=False to skip this check (indices then stay in range "
             "and group vectors holding NaN/inf take index 0)"
         )
 
@@ -95,7 +107,7 @@ def _from_group_rows(rows: Tensor, channels_last_shape: tuple[int, ...], like: T
     return out
 
 
-def validate(z: Tensor, codebook: Tensor, groups: int, beta: float = 0.25, eps: float = 1e-12) -> int:
+def check_arguments(z: Tensor, codebook: Tensor, groups: int, beta: float = 0.25, eps: float = 1e-12) -> int:
     """Checks every argument and returns d = D // groups."""
     _check_tensor("z", z)
     _check_tensor("codebook", codebook)
@@ -106,13 +118,25 @@ def validate(z: Tensor, codebook: Tensor, groups: int, beta: float = 0.25, eps: 
     if codebook.shape[0] < 1:
         raise ValueError("codebook must hold at least one code")
     if codebook.shape[1] != d:
-        raise ValueError(
-            f"codebook has width {codebook.shape[1]}, but D / groups = {channels} / {groups} = {d}"
-        )
+        raise ValueError(f"codebook has width {codebook.shape[1]}, but D / groups = {channels} / {groups} = {d}")
     if z.device != codebook.device:
         raise ValueError(f"z is on {z.device} but codebook is on {codebook.device}; put them on one device")
-    _check_scalars(beta, eps)
+    check_scalars(beta, eps)
     return d
+
+
+def _prepare(z, codebook, groups, beta, eps, backend, lookup, check):
+    """Validates, picks the backend, and returns it with the (M, d) group rows, their channels-last
+    shape and the codebook in the compute dtype: the preamble both entry points share."""
+    d = check_arguments(z, codebook, groups, beta, eps)
+    check_lookup(lookup)
+    chosen = dispatch.resolve(backend, z.device)
+    if check:
+        check_finite("z", z)
+        check_finite("codebook", codebook)
+    rows, shape = _to_group_rows(z, d)
+    codebook_c = codebook if codebook.dtype == compute_dtype(z) else codebook.to(compute_dtype(z))
+    return chosen, rows, shape, codebook_c
 
 
 def grouped_spherical_quantize(
@@ -125,17 +149,28 @@ def grouped_spherical_quantize(
     eps: float = 1e-12,
     backend: str = "auto",
     check_finite: bool = True,
+    lookup: str = "exact",
 ) -> GSQOutput:
-    """Quantize z with one shared codebook per group (GSQ.md section 1). See the module docstring
-    for layouts. A zero group vector normalizes to zero, ties with every code, and takes index 0.
+    """Quantize z with one shared codebook per group (docs/spec.md, section "Quantizer"). See the
+    module docstring for layouts.
+
+    lookup="exact" (default) picks the truly nearest code, ties to the lowest index (docs/spec.md,
+    section "Lookup"); lookup="dot" is the fp32 dot-product lookup of the official code (lowest
+    index on exact ties), which at small d and large V misses the nearest code for most rows.
     """
-    d = validate(z, codebook, groups, beta, eps)
-    chosen = dispatch.resolve(backend, z.device)
-    if check_finite:
-        _check_finite(z)
-    rows, shape = _to_group_rows(z, d)
-    codebook_c = codebook if codebook.dtype == compute_dtype(z) else codebook.to(compute_dtype(z))
-    quantized_rows, index_rows, loss = chosen.quantize(rows, codebook_c, float(beta), float(eps), bool(l2_normalize))
+    chosen, rows, shape, codebook_c = _prepare(z, codebook, groups, beta, eps, backend, lookup, check_finite)
+    beta, eps, l2_normalize = _scalar(beta), _scalar(eps), bool(l2_normalize)
+    if lookup == "dot":
+        quantized_rows, index_rows, loss = chosen.quantize(rows, codebook_c, beta, eps, l2_normalize)
+    else:
+        index_rows = exact.nearest_code_exact(rows, codebook_c.detach(), eps, l2_normalize, chosen.name)
+        if chosen.backward is None:  # the reference: autograd differentiates its forward
+            quantized_rows, _, loss = reference.quantize(rows, codebook_c, beta, eps, l2_normalize, index_rows)
+        else:
+            quantized_rows, loss_rows = exact.quantize_at_indices(
+                rows, codebook_c, index_rows, beta, eps, l2_normalize, chosen.name
+            )
+            loss = loss_from_rows(loss_rows, rows)
     quantized = _from_group_rows(quantized_rows, shape, z)
     indices = index_rows.reshape(shape[:-1] + (groups,))
     return GSQOutput(quantized, indices, loss)
@@ -150,17 +185,22 @@ def nearest_code_indices(
     eps: float = 1e-12,
     backend: str = "auto",
     check_finite: bool = True,
+    lookup: str = "exact",
 ) -> Tensor:
     """The lookup alone (tokenization): indices shaped as grouped_spherical_quantize returns them."""
-    d = validate(z, codebook, groups, 0.0, eps)
-    chosen = dispatch.resolve(backend, z.device)
-    if check_finite:
-        _check_finite(z)
-    rows, shape = _to_group_rows(z, d)
-    codebook_c = codebook if codebook.dtype == compute_dtype(z) else codebook.to(compute_dtype(z))
+    chosen, rows, shape, codebook_c = _prepare(z, codebook, groups, 0.0, eps, backend, lookup, check_finite)
+    eps, l2_normalize = _scalar(eps), bool(l2_normalize)
     with torch.no_grad():
-        index_rows = chosen.nearest_code(rows, codebook_c.detach(), float(eps), bool(l2_normalize))
+        if lookup == "dot":
+            index_rows = chosen.nearest_code(rows, codebook_c.detach(), eps, l2_normalize)
+        else:
+            index_rows = exact.nearest_code_exact(rows, codebook_c.detach(), eps, l2_normalize, chosen.name)
     return index_rows.reshape(shape[:-1] + (groups,))
+
+
+def _scalar(value):
+    """A Python float, or the symbolic float torch.compile(dynamic=True) traces a module's with."""
+    return value if torch.compiler.is_compiling() else float(value)
 
 
 def decode_indices(indices: Tensor, codebook: Tensor, layout: str = "auto") -> Tensor:

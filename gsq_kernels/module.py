@@ -1,4 +1,4 @@
-"""GroupedSphericalQuantizer: the drop-in nn.Module (GSQ.md section 1)."""
+"""GroupedSphericalQuantizer: the drop-in nn.Module (docs/spec.md, section "Quantizer")."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from . import dispatch, functional
 from .functional import GSQOutput
+from .lookup import check_lookup
 from .reference import l2
 
 
@@ -42,8 +43,12 @@ class GroupedSphericalQuantizer(nn.Module):
             plain Euclidean nearest code on raw vectors.
         backend: "auto" (fastest available for the input's device), "cpu", "cuda", "triton" or
             "reference".
+        lookup: "exact" (the truly nearest code, ties to the lowest index; the default) or "dot"
+            (the fp32 dot product of the official code, kept to reproduce its choices; at small d
+            and large V it misses the nearest code for most rows; docs/spec.md, section "Lookup").
         eps: the l2 normalization's clamp, x / max(||x||, eps).
-        check_finite: raise on NaN/inf latents (costs a reduction and a host sync per call).
+        check_finite: raise on NaN/inf in the latents or the codebook (a reduction and a host sync
+            per call; turn it off for CUDA graph capture).
         init: "spherical" (the paper's) or "uniform" (the ablation baseline).
         track_usage: count how often each code is chosen (see codebook_usage / perplexity).
 
@@ -65,6 +70,7 @@ class GroupedSphericalQuantizer(nn.Module):
         check_finite: bool = True,
         init: str = "spherical",
         track_usage: bool = True,
+        lookup: str = "exact",
     ) -> None:
         super().__init__()
         self.dim = _positive_int("dim", dim)
@@ -72,7 +78,8 @@ class GroupedSphericalQuantizer(nn.Module):
         self.groups = _positive_int("groups", groups)
         if dim % groups != 0:
             raise ValueError(f"dim={dim} is not divisible by groups={groups}")
-        functional._check_scalars(beta, eps)
+        functional.check_scalars(beta, eps)
+        check_lookup(lookup)
         dispatch.check_backend_name(backend)
         if init not in ("spherical", "uniform"):
             raise ValueError(f"init must be 'spherical' or 'uniform', got {init!r}")
@@ -84,6 +91,7 @@ class GroupedSphericalQuantizer(nn.Module):
         self.check_finite = bool(check_finite)
         self.init = init
         self.track_usage = bool(track_usage)
+        self.lookup = lookup
         make = spherical_init if init == "spherical" else uniform_init
         self.codebook = nn.Parameter(make(codebook_size, self.code_dim))
         # A plain tensor, not a buffer: DDP would broadcast rank 0's buffer over every rank's
@@ -105,6 +113,7 @@ class GroupedSphericalQuantizer(nn.Module):
             eps=self.eps,
             backend=self.backend,
             check_finite=self.check_finite,
+            lookup=self.lookup,
         )
         if self.track_usage:
             self._count_usage(out.indices)
@@ -114,8 +123,14 @@ class GroupedSphericalQuantizer(nn.Module):
     def encode(self, z: Tensor) -> Tensor:
         """Indices only (tokenization); no loss, no gradient, no usage counting."""
         return functional.nearest_code_indices(
-            z, self.codebook, self.groups, l2_normalize=self.l2_normalize, eps=self.eps,
-            backend=self.backend, check_finite=self.check_finite,
+            z,
+            self.codebook,
+            self.groups,
+            l2_normalize=self.l2_normalize,
+            eps=self.eps,
+            backend=self.backend,
+            check_finite=self.check_finite,
+            lookup=self.lookup,
         )
 
     def decode_indices(self, indices: Tensor) -> Tensor:
@@ -154,7 +169,7 @@ class GroupedSphericalQuantizer(nn.Module):
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, groups={self.groups} "
             f"(d={self.code_dim}), beta={self.beta}, l2_normalize={self.l2_normalize}, "
-            f"backend={self.backend!r}, init={self.init!r}"
+            f"backend={self.backend!r}, lookup={self.lookup!r}, init={self.init!r}"
         )
 
 

@@ -10,16 +10,53 @@ mean((c - sg(n))^2) + beta * mean((sg(c) - n)^2) gives once loss = sum(loss_rows
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from ._extension import STATUS
+from .reference import compute_dtype
 
 OPS_AVAILABLE = STATUS.loaded and hasattr(torch.ops.gsq, "quantize_forward")
+CPU_ISAS = ("auto", "generic", "avx2", "avx512")  # what set_cpu_isa accepts
 
 
-def _compute_dtype(z: Tensor) -> torch.dtype:
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
+def loss_from_rows(loss_rows: Tensor, z: Tensor) -> Tensor:
+    """The quantizer loss from a fused forward's per-row terms: sum(loss_rows) / (M d), 0 for an
+    empty z (the module docstring derives why this is the loss)."""
+    return loss_rows.sum() / max(z.numel(), 1)
+
+
+def register_quantize_autograd(forward_op: str, backward: Callable[..., tuple[Tensor, Tensor]]) -> None:
+    """Differentiate a fused forward op through its fused backward.
+
+    forward_op: the qualified name of an op (z, codebook, beta, eps, l2_normalize) ->
+      (quantized, indices, loss_rows), e.g. "gsq::quantize_forward".
+    backward: (grad_quantized, grad_loss_rows, z, codebook, indices, beta, eps, l2_normalize) ->
+      (grad_z, grad_codebook), e.g. torch.ops.gsq.quantize_backward. An output that receives no
+      gradient is passed as zeros (grad_loss_rows in the compute dtype).
+    """
+
+    def setup_context(ctx, inputs, output):
+        z, codebook, beta, eps, l2_normalize = inputs
+        _, indices, _ = output
+        ctx.save_for_backward(z, codebook, indices)
+        ctx.beta, ctx.eps, ctx.l2_normalize = beta, eps, l2_normalize
+        ctx.mark_non_differentiable(indices)
+
+    def differentiate(ctx, grad_quantized, _grad_indices, grad_loss_rows):
+        z, codebook, indices = ctx.saved_tensors
+        if grad_quantized is None:
+            grad_quantized = torch.zeros_like(z)
+        if grad_loss_rows is None:
+            grad_loss_rows = z.new_zeros((z.shape[0],), dtype=compute_dtype(z))
+        grad_z, grad_codebook = backward(
+            grad_quantized, grad_loss_rows, z, codebook, indices, ctx.beta, ctx.eps, ctx.l2_normalize
+        )
+        return grad_z, grad_codebook, None, None, None
+
+    torch.library.register_autograd(forward_op, differentiate, setup_context=setup_context)
 
 
 if OPS_AVAILABLE:
@@ -33,7 +70,7 @@ if OPS_AVAILABLE:
         return (
             z.new_empty(z.shape),
             z.new_empty((rows,), dtype=torch.int64),
-            z.new_empty((rows,), dtype=_compute_dtype(z)),
+            z.new_empty((rows,), dtype=compute_dtype(z)),
         )
 
     @torch.library.register_fake("gsq::quantize_backward")
@@ -46,40 +83,67 @@ if OPS_AVAILABLE:
         torch._check(z.dim() == 2 and codebook.dim() == 2, lambda: "z and codebook must be 2-D")
         return z.new_empty((z.shape[0],), dtype=torch.int64)
 
-    def _setup_context(ctx, inputs, output):
-        z, codebook, beta, eps, l2_normalize = inputs
-        _, indices, _ = output
-        ctx.save_for_backward(z, codebook, indices)
-        ctx.beta, ctx.eps, ctx.l2_normalize = beta, eps, l2_normalize
-        ctx.mark_non_differentiable(indices)
-
-    def _backward(ctx, grad_quantized, _grad_indices, grad_loss_rows):
-        z, codebook, indices = ctx.saved_tensors
-        if grad_quantized is None:
-            grad_quantized = torch.zeros_like(z)
-        if grad_loss_rows is None:
-            grad_loss_rows = z.new_zeros((z.shape[0],), dtype=_compute_dtype(z))
-        grad_z, grad_codebook = torch.ops.gsq.quantize_backward(
-            grad_quantized, grad_loss_rows, z, codebook, indices, ctx.beta, ctx.eps, ctx.l2_normalize
-        )
-        return grad_z, grad_codebook, None, None, None
-
-    torch.library.register_autograd("gsq::quantize_forward", _backward, setup_context=_setup_context)
+    register_quantize_autograd("gsq::quantize_forward", torch.ops.gsq.quantize_backward)
 
 
-def quantize(z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool):
+def quantize(z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(quantized, indices, loss) through the compiled op of z's device."""
     quantized, indices, loss_rows = torch.ops.gsq.quantize_forward(z, codebook, beta, eps, l2_normalize)
-    loss = loss_rows.sum() / max(z.numel(), 1)
-    return quantized, indices, loss
+    return quantized, indices, loss_from_rows(loss_rows, z)
 
 
 def nearest_code(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool) -> Tensor:
     return torch.ops.gsq.nearest_code(z, codebook, eps, l2_normalize)
 
 
-def cpu_isa(requested: str = "") -> str:
-    """The CPU kernel variant in use ("avx512", "avx2" or "generic"); pass a name to switch."""
+def nearest_code_with_gap(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool) -> tuple[Tensor, Tensor]:
+    """(indices, gap): nearest_code's indices and gap = s_best - s_second, the winner's fp32 score minus the
+    best score of any other code (0 on a tie, +inf when V == 1 or the row holds NaN/inf); float64 for float64 z."""
+    return torch.ops.gsq.nearest_code_with_gap(z, codebook, eps, l2_normalize)
+
+
+# An extension built before this op existed still loads; it just lacks the op.
+if OPS_AVAILABLE and hasattr(torch.ops.gsq, "nearest_code_with_gap"):
+
+    @torch.library.register_fake("gsq::nearest_code_with_gap")
+    def _nearest_code_with_gap_fake(z, codebook, eps, l2_normalize):
+        torch._check(z.dim() == 2 and codebook.dim() == 2, lambda: "z and codebook must be 2-D")
+        rows = z.shape[0]
+        return z.new_empty((rows,), dtype=torch.int64), z.new_empty((rows,), dtype=compute_dtype(z))
+
+
+def backward(
+    grad_quantized: Tensor,
+    grad_loss_rows: Tensor,
+    z: Tensor,
+    codebook: Tensor,
+    indices: Tensor,
+    beta: float,
+    eps: float,
+    l2_normalize: bool,
+) -> tuple[Tensor, Tensor]:
+    """(grad_z, grad_codebook) for given indices, through the compiled op of z's device."""
+    return torch.ops.gsq.quantize_backward(
+        grad_quantized, grad_loss_rows, z, codebook, indices, beta, eps, l2_normalize
+    )
+
+
+def _require_extension() -> None:
     if not OPS_AVAILABLE:
         raise RuntimeError("gsq_kernels: the compiled extension is not loaded: " + STATUS.origin)
-    return torch.ops.gsq.cpu_isa(requested)
+
+
+def cpu_isa() -> str:
+    """The CPU kernel variant in use: "avx512", "avx2" or "generic" (set_cpu_isa switches it)."""
+    _require_extension()
+    return torch.ops.gsq.cpu_isa("")
+
+
+def set_cpu_isa(name: str) -> str:
+    """Run the CPU kernels' `name` variant from now on ("generic", "avx2", "avx512", or "auto": the
+    best this CPU supports), for every thread; returns the variant now in use. Raises RuntimeError
+    if this CPU or this build cannot run it."""
+    if name not in CPU_ISAS:
+        raise ValueError(f"name must be one of {', '.join(repr(n) for n in CPU_ISAS)}, got {name!r}")
+    _require_extension()
+    return torch.ops.gsq.cpu_isa(name)

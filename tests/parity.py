@@ -14,12 +14,10 @@ import gsq_kernels
 from gsq_kernels import reference
 
 
-
 def gap_tolerance(d: int) -> float:
     """Rows whose top-2 score gap is below this may pick different codes in float32: normalizing
     costs a few roundings and a d-term dot product up to d more (unit roundoff 2^-24 each)."""
     return 4 * (d + 4) * 2.0**-24
-
 
 
 # Loss and gradients follow flash-attention's rule: against a float64 run of the reference (the
@@ -59,12 +57,14 @@ def top2_gap(rows: torch.Tensor, codebook: torch.Tensor, eps: float, l2_normaliz
     return (best.squeeze(-1) - below) / (1 + best.squeeze(-1).abs())
 
 
-def well_separated_rows(rows: torch.Tensor, codebook: torch.Tensor, eps: float, l2_normalize: bool) -> torch.Tensor:
-    return top2_gap(rows, codebook, eps, l2_normalize) >= gap_tolerance(codebook.shape[1])
-
-
-def assert_indices_match(actual: torch.Tensor, expected: torch.Tensor, rows: torch.Tensor,
-                         codebook: torch.Tensor, eps: float, l2_normalize: bool) -> None:
+def assert_indices_match(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    rows: torch.Tensor,
+    codebook: torch.Tensor,
+    eps: float,
+    l2_normalize: bool,
+) -> None:
     actual, expected = actual.reshape(-1), expected.reshape(-1)
     differ = actual != expected
     if not differ.any():
@@ -80,8 +80,9 @@ def assert_indices_match(actual: torch.Tensor, expected: torch.Tensor, rows: tor
         )
 
 
-def assert_close_to_truth(actual: torch.Tensor, reference_same_precision: torch.Tensor,
-                          truth: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_close_to_truth(
+    actual: torch.Tensor, reference_same_precision: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
     """Worst |actual - truth| <= ERROR_FACTOR * worst |reference - truth| + roundoff(dtype) * max|truth|.
     NaN/inf never pass."""
     a = actual.detach().double()
@@ -105,9 +106,15 @@ def assert_close_to_truth(actual: torch.Tensor, reference_same_precision: torch.
         )
 
 
-def separated_group_rows(rows: torch.Tensor, codebook: torch.Tensor, eps: float, l2_normalize: bool,
-                         min_gap: float | None = None, generator: torch.Generator | None = None,
-                         attempts: int = 20) -> torch.Tensor:
+def separated_group_rows(
+    rows: torch.Tensor,
+    codebook: torch.Tensor,
+    eps: float,
+    l2_normalize: bool,
+    min_gap: float | None = None,
+    generator: torch.Generator | None = None,
+    attempts: int = 20,
+) -> torch.Tensor:
     """Redraws the (M, d) group vectors whose top-2 score gap is below min_gap (after rounding to
     the rows' dtype), so that every backend must pick exactly the reference's code for every row."""
     rows = rows.clone()
@@ -121,9 +128,16 @@ def separated_group_rows(rows: torch.Tensor, codebook: torch.Tensor, eps: float,
     raise RuntimeError(f"could not draw group vectors with a top-2 gap >= {min_gap}; use a smaller codebook")
 
 
-def separated_latent(shape: tuple[int, ...], groups: int, codebook: torch.Tensor, dtype: torch.dtype,
-                     eps: float = 1e-12, l2_normalize: bool = True, min_gap: float | None = None,
-                     channels_last_image: bool = False) -> torch.Tensor:
+def separated_latent(
+    shape: tuple[int, ...],
+    groups: int,
+    codebook: torch.Tensor,
+    dtype: torch.dtype,
+    eps: float = 1e-12,
+    l2_normalize: bool = True,
+    min_gap: float | None = None,
+    channels_last_image: bool = False,
+) -> torch.Tensor:
     """A random latent (4-D images (B,D,H,W) or 3-D/2-D channels-last) with no near-tie group vector."""
     z = torch.randn(shape, dtype=torch.float64).to(dtype)
     image = len(shape) == 4

@@ -28,8 +28,11 @@ def _worker(rank: int, world_size: int, port: int, results) -> None:
         # rank 0 only hits code 0 (three times), rank 1 only code 2 (once)
         z = torch.tensor([[1.0, 0.0]] * 3) if rank == 0 else torch.tensor([[-1.0, 0.1]])
         quantizer(z)
-        results[rank] = (quantizer.usage_histogram().tolist(), quantizer.codebook_usage(),
-                         quantizer._usage_counts.tolist())
+        results[rank] = (
+            quantizer.usage_histogram().tolist(),
+            quantizer.codebook_usage(),
+            quantizer._usage_counts.tolist(),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -35,8 +35,9 @@ def test_this_install_loaded_its_prebuilt_library():
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environment,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True, text=True, timeout=600
+    )
 
 
 CHECK_CPU_BACKEND = """
@@ -52,8 +53,9 @@ CHECK_CPU_BACKEND = """
 
 @pytest.mark.slow
 def test_rebuild_at_import_when_the_prebuilt_library_does_not_fit(tmp_path):
-    result = _run_python(CHECK_CPU_BACKEND, GSQ_KERNELS_FORCE_COMPILE="1", GSQ_NO_CUDA="1",
-                         GSQ_KERNELS_CACHE=str(tmp_path))
+    result = _run_python(
+        CHECK_CPU_BACKEND, GSQ_KERNELS_FORCE_COMPILE="1", GSQ_NO_CUDA="1", GSQ_KERNELS_CACHE=str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"ORIGIN compiled at import into {tmp_path}" in result.stdout
     assert "CPU KERNELS True" in result.stdout
@@ -62,8 +64,13 @@ def test_rebuild_at_import_when_the_prebuilt_library_does_not_fit(tmp_path):
 
 
 def test_failed_rebuild_falls_back_to_the_reference(tmp_path):
-    result = _run_python(CHECK_CPU_BACKEND, GSQ_KERNELS_FORCE_COMPILE="1", GSQ_NO_CUDA="1",
-                         GSQ_KERNELS_CACHE=str(tmp_path), CXX="/bin/false")
+    result = _run_python(
+        CHECK_CPU_BACKEND,
+        GSQ_KERNELS_FORCE_COMPILE="1",
+        GSQ_NO_CUDA="1",
+        GSQ_KERNELS_CACHE=str(tmp_path),
+        CXX="/bin/false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CPU KERNELS False" in result.stdout
     assert "Falling back to the pure-PyTorch reference backend" in result.stderr
@@ -74,7 +81,10 @@ def test_failed_rebuild_falls_back_to_the_reference(tmp_path):
         "    gsq_kernels.GroupedSphericalQuantizer(4, 4, backend='cpu')\n"
         "except gsq_kernels.BackendUnavailableError as e:\n"
         "    print('ERROR', e)\n",
-        GSQ_KERNELS_FORCE_COMPILE="1", GSQ_NO_CUDA="1", GSQ_KERNELS_CACHE=str(tmp_path), CXX="/bin/false",
+        GSQ_KERNELS_FORCE_COMPILE="1",
+        GSQ_NO_CUDA="1",
+        GSQ_KERNELS_CACHE=str(tmp_path),
+        CXX="/bin/false",
     )
     assert "ERROR gsq_kernels backend 'cpu' is not available" in explicit.stdout
     assert "pip install --no-build-isolation -e ." in explicit.stdout

@@ -76,8 +76,9 @@ def test_ssim_matches_scikit_image():
     for i in range(3):
         x = ((images[i] + 1) / 2).permute(1, 2, 0).double().numpy()
         y = ((noisy[i] + 1) / 2).permute(1, 2, 0).double().numpy()
-        expected = structural_similarity(x, y, channel_axis=2, gaussian_weights=True, sigma=1.5,
-                                         use_sample_covariance=False, data_range=1.0)
+        expected = structural_similarity(
+            x, y, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+        )
         assert float(ours[i]) == pytest.approx(expected, abs=1e-9)
     assert torch.allclose(ssim(images, images), torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="at least 11x11"):
@@ -118,9 +119,13 @@ class MeanAbsolute(nn.Module):
 
 def test_eval_pipeline_end_to_end(trained, tmp_path):
     features = RandomFeatures()
-    report = evaluate_checkpoint(EvalConfig(checkpoint=str(trained), output=str(tmp_path), batch_size=4,
-                                            max_images=6, num_workers=0, progress=False),
-                                 feature_extractor=features, lpips_model=MeanAbsolute())
+    report = evaluate_checkpoint(
+        EvalConfig(
+            checkpoint=str(trained), output=str(tmp_path), batch_size=4, max_images=6, num_workers=0, progress=False
+        ),
+        feature_extractor=features,
+        lpips_model=MeanAbsolute(),
+    )
     # recompute every metric independently from the same images and model
     loaded = ckpt.load_checkpoint(trained)
     from gsq.data import build_datasets
@@ -145,14 +150,12 @@ def test_eval_pipeline_end_to_end(trained, tmp_path):
 
 
 def test_missing_inception_and_alexnet_are_reported_unavailable(trained, tmp_path, monkeypatch):
-    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
-
     from gsq import losses
 
     def offline(*args, **kwargs):
         raise OSError("offline (test)")
 
-    monkeypatch.setattr(inception_module, "load_state_dict_from_url", offline)
+    monkeypatch.setattr("gsq.evaluate.hub_file", offline)  # InceptionV3's download
     monkeypatch.setattr(losses, "torchvision_state_dict", offline)
     for name in ("GSQ_INCEPTION_WEIGHTS", "GSQ_ALEXNET_WEIGHTS"):
         monkeypatch.delenv(name, raising=False)
@@ -162,8 +165,20 @@ def test_missing_inception_and_alexnet_are_reported_unavailable(trained, tmp_pat
     assert "InceptionV3" in report["unavailable"]["rfid"] and "AlexNet" in report["unavailable"]["lpips"]
     assert report["metrics"]["psnr"] > 0
     # a weights file that was asked for but cannot be used is an error, not "unavailable"
-    assert gsq_main(["eval", str(trained), "--inception-weights", str(tmp_path / "nope.pth"), "--num-workers", "0",
-                     "--no-progress"]) == 2
+    assert (
+        gsq_main(
+            [
+                "eval",
+                str(trained),
+                "--inception-weights",
+                str(tmp_path / "nope.pth"),
+                "--num-workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
 
 
 def test_inception_and_alexnet_load_from_local_files(tmp_path, monkeypatch):
@@ -204,7 +219,7 @@ def _photo_folder(folder):
     folder.mkdir()
     photo = skimage.data.astronaut()
     for i, (top, left) in enumerate([(0, 0), (100, 150), (300, 200)]):
-        Image.fromarray(photo[top:top + 70, left:left + 90]).save(folder / f"crop{i}.png")
+        Image.fromarray(photo[top : top + 70, left : left + 90]).save(folder / f"crop{i}.png")
     return folder
 
 
@@ -228,8 +243,12 @@ def test_encode_decode_round_trip_equals_the_reconstruction(trained, tmp_path):
     assert np.array_equal(np.asarray(Image.open(written[1])), to_uint8(decoded[1]).permute(1, 2, 0).numpy())
 
     # the same through the command line
-    assert gsq_main(["encode", str(trained), str(folder / "crop1.png"), str(tmp_path / "one.safetensors"),
-                     "--no-progress"]) == 0
+    assert (
+        gsq_main(
+            ["encode", str(trained), str(folder / "crop1.png"), str(tmp_path / "one.safetensors"), "--no-progress"]
+        )
+        == 0
+    )
     assert gsq_main(["decode", str(tmp_path / "one.safetensors"), str(tmp_path / "cli")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "cli" / "crop1.png")), np.asarray(Image.open(written[1])))
 
@@ -246,18 +265,43 @@ def test_token_bad_inputs(trained, tmp_path, capsys):
     assert "not a checkpoint folder" in capsys.readouterr().err
     assert gsq_main(["encode", str(trained), str(folder / "crop0.png"), str(tmp_path / "t.pt")]) == 2
     assert "must be a .safetensors file" in capsys.readouterr().err
-    assert gsq_main(["encode", str(trained), str(folder / "crop0.png"), str(tmp_path / "t.safetensors"),
-                     "--image-size", "36", "--no-progress"]) == 2
+    assert (
+        gsq_main(
+            [
+                "encode",
+                str(trained),
+                str(folder / "crop0.png"),
+                str(tmp_path / "t.safetensors"),
+                "--image-size",
+                "36",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "divisible by the down-sampling factor 8" in capsys.readouterr().err
 
     encode_images(trained, folder / "crop0.png", tmp_path / "ok.safetensors", progress=False)
     other = tmp_path / "other"
     train(small_config(other, "train.steps=1", "train.name=run", "train.seed=7"), progress=False)
-    assert gsq_main(["decode", str(tmp_path / "ok.safetensors"), str(tmp_path / "x"), "--checkpoint",
-                     str(other / "run")]) == 2
+    assert (
+        gsq_main(["decode", str(tmp_path / "ok.safetensors"), str(tmp_path / "x"), "--checkpoint", str(other / "run")])
+        == 2
+    )
     assert "the tokens were made by" in capsys.readouterr().err
-    assert gsq_main(["decode", str(tmp_path / "ok.safetensors"), str(tmp_path / "x"), "--checkpoint",
-                     str(other / "run"), "--force"]) == 0
+    assert (
+        gsq_main(
+            [
+                "decode",
+                str(tmp_path / "ok.safetensors"),
+                str(tmp_path / "x"),
+                "--checkpoint",
+                str(other / "run"),
+                "--force",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "garbage.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     assert gsq_main(["decode", str(tmp_path / "garbage.safetensors"), str(tmp_path / "y")]) == 2
     assert "token file" in capsys.readouterr().err

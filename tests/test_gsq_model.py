@@ -11,8 +11,8 @@ from gsq.config import PRESETS, preset
 from gsq.models import GSQTokenizer, count_parameters
 from gsq.models.discriminators import DinoDiscriminator, PatchGAN, create_dino_backbone, diff_augment
 
-# The issue: about 75.6M (F8) and 77.5M (F16) parameters; GSQ.md: "about 75-78M". The architecture
-# as GSQ.md section 3 states it gives 73.5M and 75.6M (2.7% and 2.5% fewer): within 5%.
+# The paper: about 75.6M (F8) and 77.5M (F16) parameters ("about 75-78M"). The architecture
+# as docs/spec.md, "Architecture", states it gives 73.5M and 75.6M (2.7% and 2.5% fewer): within 5%.
 PAPER_PARAMETERS = {"F8-D64-G16-V8k": 75.6e6, "F16-D16-G8-V256k": 77.5e6}
 
 

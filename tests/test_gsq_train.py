@@ -44,8 +44,11 @@ def test_a_few_steps_write_the_run_folder(tmp_path):
     assert kinds.count("train") == 6 and kinds.count("eval") == 3 and kinds[-1] == "summary"
     saved = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
     assert saved == small_config(tmp_path, "train.name=run")
-    assert sorted(p.name for p in (run / "grids").iterdir()) == ["step_00000000.png", "step_00000003.png",
-                                                                 "step_00000006.png"]
+    assert sorted(p.name for p in (run / "grids").iterdir()) == [
+        "step_00000000.png",
+        "step_00000003.png",
+        "step_00000006.png",
+    ]
     grid = Image.open(run / "grids" / "step_00000006.png")
     assert grid.size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)  # 4 validation tiles: originals over reconstructions
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
@@ -73,8 +76,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
         b = ckpt.read_tensors(tmp_path / "parts" / "checkpoints" / "step_00000006" / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     # the resumed run's metrics file holds each step once
-    steps = [json.loads(line)["step"] for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -130,8 +136,9 @@ def test_image_folder_training_counts_skipped_images(tmp_path):
         Image.new("RGB", (40, 40), (100, 20 * i, 50)).save(validation / f"{i:02d}.png")
     (data / "00_broken.png").write_bytes(b"garbage")
     # 4 files, batches of 4: every step reads the broken file once (and takes the next one instead)
-    config = small_config(tmp_path, f"data.path={data}", f"data.validation_path={validation}", "train.steps=2",
-                          "train.name=folder")
+    config = small_config(
+        tmp_path, f"data.path={data}", f"data.validation_path={validation}", "train.steps=2", "train.name=folder"
+    )
     with pytest.warns(RuntimeWarning, match="unreadable"):
         train(config, progress=False)
     records = [json.loads(line) for line in (tmp_path / "folder" / "metrics.jsonl").read_text().splitlines()]
@@ -223,9 +230,16 @@ def test_dino_discriminator_trains_and_resumes_from_a_local_weights_file(tmp_pat
     from gsq.models.discriminators import create_dino_backbone
 
     torch.save(create_dino_backbone(resolution=518).state_dict(), tmp_path / "dino.pth")
-    config = small_config(tmp_path, "discriminator.kind=dino", f"discriminator.dino_weights={tmp_path / 'dino.pth'}",
-                          "discriminator.dino_resolution=28", "discriminator.start_step=0", "train.steps=2",
-                          "train.checkpoint_every=2", "train.name=dino")
+    config = small_config(
+        tmp_path,
+        "discriminator.kind=dino",
+        f"discriminator.dino_weights={tmp_path / 'dino.pth'}",
+        "discriminator.dino_resolution=28",
+        "discriminator.start_step=0",
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "train.name=dino",
+    )
     recorder = LossRecorder()
     train(config, progress=False, callbacks=(recorder,))
     assert recorder.losses[1]["adversarial"] > 0 and recorder.losses[1]["discriminator"] > 0

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gsq_kernels import GroupedSphericalQuantizer, usage_perplexity
-
 from parity import backends_for
 
 BACKENDS = ["reference"] + backends_for("cpu")
@@ -136,16 +135,21 @@ def test_autocast_does_not_lower_the_lookup_precision(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_vectors_take_index_zero(backend):
-    """l2(0) = 0 / eps = 0 scores 0 against every code: an exact tie, broken to the lowest index."""
-    quantizer = GroupedSphericalQuantizer(6, 20, groups=3, backend=backend)
+@pytest.mark.parametrize("lookup", ["exact", "dot"])
+def test_zero_vectors(backend, lookup):
+    """l2(0) = 0 / eps = 0. Its distance to code j is ||c^_j||^2, so the exact lookup takes the code
+    of smallest normalized norm (lowest index among equals); the dot product scores 0 against every
+    code, an exact tie broken to index 0. Either way the gradient stays finite."""
+    quantizer = GroupedSphericalQuantizer(6, 20, groups=3, backend=backend, lookup=lookup)
     z = torch.randn(2, 4, 6)
     z[0, 1] = 0
     z[1, 2, 2:4] = 0
     z.requires_grad_()
     out = quantizer(z)
-    assert out.indices[0, 1].tolist() == [0, 0, 0]
-    assert out.indices[1, 2, 1].item() == 0
+    norms = (quantizer.codebook.detach() / quantizer.codebook.detach().norm(dim=1, keepdim=True)).double()
+    expected = int(norms.square().sum(1).argmin()) if lookup == "exact" else 0
+    assert out.indices[0, 1].tolist() == [expected] * 3
+    assert out.indices[1, 2, 1].item() == expected
     (out.quantized.sum() + out.loss).backward()
     assert torch.isfinite(z.grad).all()
 

@@ -89,21 +89,22 @@ def test_every_cpu_kernel_variant_matches_the_reference():
     expected = torch.ops.gsq.nearest_code(z.double(), codebook.double(), 1e-12, True)
     try:
         for variant in variants:
-            assert gsq_kernels.cpu_isa(variant) == variant
+            assert gsq_kernels.set_cpu_isa(variant) == variant
             got = torch.ops.gsq.nearest_code(z, codebook, 1e-12, True)
             assert_indices_match(got, expected, z, codebook, 1e-12, True)
     finally:
-        gsq_kernels.cpu_isa(original)
-    with pytest.raises(RuntimeError, match="must be one of"):
-        gsq_kernels.cpu_isa("sse9")
+        gsq_kernels.set_cpu_isa(original)
+    assert gsq_kernels.cpu_isa() == original
+    with pytest.raises(ValueError, match="must be one of"):
+        gsq_kernels.set_cpu_isa("sse9")
 
 
 def _supported(variant):
     original = gsq_kernels.cpu_isa()
     try:
-        gsq_kernels.cpu_isa(variant)
+        gsq_kernels.set_cpu_isa(variant)
         return True
     except RuntimeError:
         return False
     finally:
-        gsq_kernels.cpu_isa(original)
+        gsq_kernels.set_cpu_isa(original)

@@ -4,7 +4,7 @@ The straight-through estimator is not the derivative of the forward value (a cod
 move when z moves a little), so gradcheck cannot be pointed at the op directly. Instead each call
 returns  op(z, C) - sg(op(z, C)) + sg(S(z, C)):  its value is S's, so the numerical Jacobian is
 S's derivative, while its analytical Jacobian is the op's backward. S is the smooth function whose
-true derivative the straight-through estimator defines (GSQ.md section 1), with the indices and the
+true derivative the straight-through estimator defines (docs/spec.md, "Gradients"), with the indices and the
 stop-gradient operands frozen at the point being checked:
     S(z, C) = <W, l2(z)> + k * [ beta * mean((c0 - l2(z))^2) + mean((C[idx0] - n0)^2) ]
 gradcheck passes only if the backward equals S's numerical derivative everywhere.
@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from gsq_kernels import grouped_spherical_quantize, reference
-
 from parity import backends_for, separated_latent
 
 
@@ -32,8 +31,7 @@ def test_gradcheck(device, backend, l2_normalize, d, groups):
     beta, loss_weight, eps = 0.25, 3.0, 1e-12
     codebook0 = torch.randn(7, d, dtype=torch.float64)
     # A wide gap: gradcheck's 1e-6 perturbations must not change any index.
-    z0 = separated_latent((2, 3, groups * d), groups, codebook0, torch.float64,
-                          l2_normalize=l2_normalize, min_gap=1e-3)
+    z0 = separated_latent((2, 3, groups * d), groups, codebook0, torch.float64, l2_normalize=l2_normalize, min_gap=1e-3)
     weights = torch.randn(z0.shape, dtype=torch.float64)
     rows0 = z0.reshape(-1, d)
     idx0 = reference.nearest_code(rows0, codebook0, eps, l2_normalize)
@@ -48,8 +46,9 @@ def test_gradcheck(device, backend, l2_normalize, d, groups):
         return (weights.reshape(-1, d) * n).sum() + loss_weight * (commitment + codebook_term)
 
     def checked(z, codebook):
-        out = grouped_spherical_quantize(z, codebook, groups, beta=beta, l2_normalize=l2_normalize,
-                                         eps=eps, backend=backend)
+        out = grouped_spherical_quantize(
+            z, codebook, groups, beta=beta, l2_normalize=l2_normalize, eps=eps, backend=backend
+        )
         assert torch.equal(out.indices.reshape(-1).cpu(), idx0)
         op_value = (weights.to(z.device) * out.quantized).sum() + loss_weight * out.loss
         return op_value - op_value.detach() + smooth_surrogate(z.cpu(), codebook.cpu()).detach().to(z.device)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from gsq_kernels import grouped_spherical_quantize, nearest_code_indices, spherical_init
-
 from parity import (
     DTYPES_CPU,
     assert_close_to_truth,

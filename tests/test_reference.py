@@ -1,4 +1,4 @@
-"""The reference against GSQ.md section 1, written out independently: if the oracle is wrong,
+"""The reference against docs/spec.md, "Quantizer", written out independently: if the oracle is wrong,
 every parity test is meaningless."""
 
 import torch

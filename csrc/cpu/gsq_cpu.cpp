@@ -2,6 +2,7 @@
 // instruction set at run time, and splitting the work over threads with at::parallel_for (ATen's
 // OpenMP pool, so torch.set_num_threads applies and only one OpenMP runtime is loaded).
 // The arithmetic lives in gsq_cpu_kernels_impl.h and gsq_cpu_isa_generic.cpp.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -9,9 +10,12 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "gsq_cpu_kernels.h"
 
@@ -112,6 +116,9 @@ void check_z_and_codebook(const char* op, const at::Tensor& z, const at::Tensor&
   TORCH_CHECK(z.size(1) == codebook.size(1), op, ": z has d=", z.size(1),
               " but the codebook has width ", codebook.size(1));
   TORCH_CHECK(z.size(1) >= 1, op, ": d must be at least 1");
+  // The kernels take d as an int (their offsets are 64-bit); no group size comes near this.
+  TORCH_CHECK(z.size(1) <= std::numeric_limits<int32_t>::max(), op, ": d=", z.size(1),
+              " exceeds the CPU kernels' limit of ", std::numeric_limits<int32_t>::max());
   TORCH_CHECK(codebook.size(0) >= 1, op, ": the codebook must have at least one code");
   const auto zt = z.scalar_type();
   TORCH_CHECK(zt == at::kFloat || zt == at::kHalf || zt == at::kBFloat16 || zt == at::kDouble, op,
@@ -120,12 +127,25 @@ void check_z_and_codebook(const char* op, const at::Tensor& z, const at::Tensor&
               compute_dtype(z), " for ", zt, " z, got ", codebook.scalar_type());
 }
 
+// The kernels for T: float runs the variant picked for this CPU, double the generic one.
 template <typename T>
-void run_forward(const KernelTable<T>* table, const at::Tensor& z, const at::Tensor& codebook,
-                 double beta, double eps, bool l2_normalize, T* quantized, int64_t* indices,
-                 T* loss_rows) {
+const KernelTable<T>* kernel_table();
+template <>
+const KernelTable<float>* kernel_table<float>() {
+  return float_table();
+}
+template <>
+const KernelTable<double>* kernel_table<double>() {
+  return generic_table_f64();
+}
+
+// Runs the forward kernels over z; `args` names the outputs to compute, this fills the inputs.
+template <typename T>
+void run_forward(const at::Tensor& z, const at::Tensor& codebook, double beta, double eps,
+                 bool l2_normalize, ForwardArgs<T> args) {
+  const KernelTable<T>* table = kernel_table<T>();
   const int64_t num_rows = z.size(0);
-  const int dim = static_cast<int>(z.size(1));
+  const int dim = static_cast<int>(z.size(1));  // check_z_and_codebook bounds d
   const int64_t num_codes = codebook.size(0);
   const int lanes = table->lanes;
   const int64_t num_tiles = (num_codes + lanes - 1) / lanes;
@@ -138,11 +158,18 @@ void run_forward(const KernelTable<T>* table, const at::Tensor& z, const at::Ten
     table->prepare_codebook(codebook_ptr, num_codes, dim, l2_normalize, static_cast<T>(eps),
                             tiles_ptr, bias_ptr, begin, end);
   });
-  const T* z_ptr = z.data_ptr<T>();
+  args.z = z.data_ptr<T>();
+  args.dim = dim;
+  args.tiles = tiles_ptr;
+  args.bias = bias_ptr;
+  args.num_tiles = num_tiles;
+  args.codebook = codebook_ptr;
+  args.eps = static_cast<T>(eps);
+  args.l2_normalize = l2_normalize;
+  args.loss_scale = static_cast<T>(1.0 + beta);
   at::parallel_for(0, num_rows, 64, [&](int64_t begin, int64_t end) {
-    table->forward_rows(z_ptr, dim, tiles_ptr, bias_ptr, num_tiles, codebook_ptr,
-                        static_cast<T>(eps), l2_normalize, static_cast<T>(1.0 + beta), begin, end,
-                        quantized, indices, loss_rows);
+    std::vector<T> scratch(static_cast<size_t>(table->rows_per_block) * dim);
+    table->forward_rows(args, begin, end, scratch.data());
   });
 }
 
@@ -158,15 +185,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cpu(const at::Te
   at::Tensor indices = at::empty({z.size(0)}, z.options().dtype(at::kLong));
   at::Tensor loss_rows = at::empty({z.size(0)}, z.options().dtype(compute));
   if (z.size(0) > 0) {
-    if (compute == at::kDouble) {
-      run_forward<double>(generic_table_f64(), zc, cb, beta, eps, l2_normalize,
-                          quantized.data_ptr<double>(), indices.data_ptr<int64_t>(),
-                          loss_rows.data_ptr<double>());
-    } else {
-      run_forward<float>(float_table(), zc, cb, beta, eps, l2_normalize,
-                         quantized.data_ptr<float>(), indices.data_ptr<int64_t>(),
-                         loss_rows.data_ptr<float>());
-    }
+    AT_DISPATCH_FLOATING_TYPES(compute, "gsq::quantize_forward", [&] {
+      ForwardArgs<scalar_t> out;
+      out.quantized = quantized.data_ptr<scalar_t>();
+      out.indices = indices.data_ptr<int64_t>();
+      out.loss_rows = loss_rows.data_ptr<scalar_t>();
+      run_forward<scalar_t>(zc, cb, beta, eps, l2_normalize, out);
+    });
   }
   return {quantized.to(z.scalar_type()), indices, loss_rows};
 }
@@ -179,15 +204,36 @@ at::Tensor nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook, dou
   const at::Tensor cb = codebook.contiguous();
   at::Tensor indices = at::empty({z.size(0)}, z.options().dtype(at::kLong));
   if (z.size(0) > 0) {
-    if (compute == at::kDouble) {
-      run_forward<double>(generic_table_f64(), zc, cb, 0.0, eps, l2_normalize, nullptr,
-                          indices.data_ptr<int64_t>(), nullptr);
-    } else {
-      run_forward<float>(float_table(), zc, cb, 0.0, eps, l2_normalize, nullptr,
-                         indices.data_ptr<int64_t>(), nullptr);
-    }
+    AT_DISPATCH_FLOATING_TYPES(compute, "gsq::nearest_code", [&] {
+      ForwardArgs<scalar_t> out;
+      out.indices = indices.data_ptr<int64_t>();
+      run_forward<scalar_t>(zc, cb, 0.0, eps, l2_normalize, out);
+    });
   }
   return indices;
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_code_with_gap_cpu(const at::Tensor& z,
+                                                             const at::Tensor& codebook, double eps,
+                                                             bool l2_normalize) {
+  check_z_and_codebook("gsq::nearest_code_with_gap", z, codebook);
+  const auto compute = compute_dtype(z);
+  const at::Tensor zc = z.to(compute).contiguous();
+  const at::Tensor cb = codebook.contiguous();
+  at::Tensor indices = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  at::Tensor gap = at::empty({z.size(0)}, z.options().dtype(compute));
+  if (z.size(0) > 0) {
+    AT_DISPATCH_FLOATING_TYPES(compute, "gsq::nearest_code_with_gap", [&] {
+      ForwardArgs<scalar_t> out;
+      out.indices = indices.data_ptr<int64_t>();
+      out.gap = gap.data_ptr<scalar_t>();
+      run_forward<scalar_t>(zc, cb, 0.0, eps, l2_normalize, out);
+    });
+    // A single code has no runner-up, even where its score overflowed (the kernel reports two
+    // equal infinite scores as a tie).
+    if (codebook.size(0) == 1) gap.fill_(std::numeric_limits<double>::infinity());
+  }
+  return {indices, gap};
 }
 
 template <typename T>
@@ -196,7 +242,7 @@ void run_backward(const at::Tensor& grad_quantized, const at::Tensor& grad_loss_
                   double beta, double eps, bool l2_normalize, at::Tensor& grad_z,
                   at::Tensor& grad_codebook) {
   const int64_t num_rows = z.size(0);
-  const int dim = static_cast<int>(z.size(1));
+  const int dim = static_cast<int>(z.size(1));  // check_z_and_codebook bounds d
   const int64_t num_codes = codebook.size(0);
   const T* z_ptr = z.data_ptr<T>();
   const T* gq_ptr = grad_quantized.data_ptr<T>();
@@ -220,10 +266,12 @@ void run_backward(const at::Tensor& grad_quantized, const at::Tensor& grad_loss_
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(
-    const at::Tensor& grad_quantized, const at::Tensor& grad_loss_rows, const at::Tensor& z,
-    const at::Tensor& codebook, const at::Tensor& indices, double beta, double eps,
-    bool l2_normalize) {
+std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(const at::Tensor& grad_quantized,
+                                                         const at::Tensor& grad_loss_rows,
+                                                         const at::Tensor& z,
+                                                         const at::Tensor& codebook,
+                                                         const at::Tensor& indices, double beta,
+                                                         double eps, bool l2_normalize) {
   check_z_and_codebook("gsq::quantize_backward", z, codebook);
   const int64_t num_rows = z.size(0);
   const int64_t num_codes = codebook.size(0);
@@ -232,9 +280,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(
   TORCH_CHECK(grad_loss_rows.dim() == 1 && grad_loss_rows.size(0) == num_rows,
               "gsq::quantize_backward: grad_loss_rows must be (", num_rows, ",), got ",
               grad_loss_rows.sizes());
-  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == num_rows &&
-                  indices.scalar_type() == at::kLong,
-              "gsq::quantize_backward: indices must be int64 of shape (", num_rows, ",)");
+  TORCH_CHECK(
+      indices.dim() == 1 && indices.size(0) == num_rows && indices.scalar_type() == at::kLong,
+      "gsq::quantize_backward: indices must be int64 of shape (", num_rows, ",)");
   const auto compute = compute_dtype(z);
   const at::Tensor zc = z.to(compute).contiguous();
   const at::Tensor gq = grad_quantized.to(compute).contiguous();
@@ -246,8 +294,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(
     // bounds; indices come from quantize_forward, but this op is public.
     const int64_t* p = idx.data_ptr<int64_t>();
     for (int64_t i = 0; i < num_rows; ++i) {
-      TORCH_CHECK(p[i] >= 0 && p[i] < num_codes, "gsq::quantize_backward: indices[", i, "] = ",
-                  p[i], " is outside [0, ", num_codes, ")");
+      TORCH_CHECK(p[i] >= 0 && p[i] < num_codes, "gsq::quantize_backward: indices[", i,
+                  "] = ", p[i], " is outside [0, ", num_codes, ")");
     }
   }
   at::Tensor grad_z = at::empty(z.sizes(), z.options().dtype(compute));
@@ -267,9 +315,11 @@ TORCH_LIBRARY_IMPL(gsq, CPU, m) {
   m.impl("quantize_forward", &gsq_cpu::quantize_forward_cpu);
   m.impl("quantize_backward", &gsq_cpu::quantize_backward_cpu);
   m.impl("nearest_code", &gsq_cpu::nearest_code_cpu);
+  m.impl("nearest_code_with_gap", &gsq_cpu::nearest_code_with_gap_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(gsq, m) {
-  // Which CPU kernel variant runs: "" reads it, a name ("auto", "generic", "avx2", "avx512") sets it.
+  // Which CPU kernel variant runs: "" reads it, a name ("auto", "generic", "avx2", "avx512") sets
+  // it.
   m.def("cpu_isa(str requested) -> str", &gsq_cpu::cpu_isa);
 }

@@ -1,5 +1,7 @@
 // The CPU kernels for any CPU the compiler targets by default (SSE2 on x86-64, NEON on arm64),
 // the float64 path (used by gradcheck), and the backward, which is O(N d) and memory-bound.
+#include <vector>  // safe here: this file is built for the default target (see gsq_cpu_kernels.h)
+
 #include "gsq_cpu_kernels.h"
 
 #define GSQ_CPU_ISA generic
@@ -15,39 +17,38 @@ template <typename T>
 void backward_z_rows(const T* z, const T* grad_quantized, const T* grad_loss_rows,
                      const T* codebook, const int64_t* indices, int dim, T beta, T eps,
                      bool l2_normalize, index_t row_begin, index_t row_end, T* grad_z) {
-  T* n = new T[dim];
-  T* grad_n = new T[dim];
+  const index_t d = dim;
+  std::vector<T> n(d);
+  std::vector<T> grad_n(d);
   for (index_t row = row_begin; row < row_end; ++row) {
-    const T* z_row = z + row * dim;
+    const T* z_row = z + row * d;
     T norm = 0;
     if (l2_normalize) {
       T sum_squares = 0;
-      for (int k = 0; k < dim; ++k) sum_squares += z_row[k] * z_row[k];
+      for (index_t k = 0; k < d; ++k) sum_squares += z_row[k] * z_row[k];
       norm = generic::square_root(sum_squares);
     }
     const bool clamped = norm < eps;  // l2(z) = z / eps there, whose Jacobian is I / eps
     const T denom = clamped ? eps : norm;
-    generic::normalize_row(z_row, dim, eps, l2_normalize, n);
+    generic::normalize_row(z_row, d, eps, l2_normalize, n.data());
 
-    const T* code = codebook + indices[row] * dim;
+    const T* code = codebook + indices[row] * d;
     const T commit = 2 * beta * grad_loss_rows[row];
     T n_dot_grad_n = 0;
-    for (int k = 0; k < dim; ++k) {
-      grad_n[k] = grad_quantized[row * dim + k] + commit * (n[k] - code[k]);
+    for (index_t k = 0; k < d; ++k) {
+      grad_n[k] = grad_quantized[row * d + k] + commit * (n[k] - code[k]);
       n_dot_grad_n += n[k] * grad_n[k];
     }
-    T* out = grad_z + row * dim;
+    T* out = grad_z + row * d;
     if (!l2_normalize) {
-      for (int k = 0; k < dim; ++k) out[k] = grad_n[k];
+      for (index_t k = 0; k < d; ++k) out[k] = grad_n[k];
     } else if (clamped) {
-      for (int k = 0; k < dim; ++k) out[k] = grad_n[k] / eps;
+      for (index_t k = 0; k < d; ++k) out[k] = grad_n[k] / eps;
     } else {
       // (I - n n^T) / ||z|| applied to dL/dn: the Jacobian of z / ||z|| is symmetric.
-      for (int k = 0; k < dim; ++k) out[k] = (grad_n[k] - n[k] * n_dot_grad_n) / denom;
+      for (index_t k = 0; k < d; ++k) out[k] = (grad_n[k] - n[k] * n_dot_grad_n) / denom;
     }
   }
-  delete[] n;
-  delete[] grad_n;
 }
 
 void bucket_rows_by_code(const int64_t* indices, index_t num_rows, index_t num_codes,
@@ -64,30 +65,29 @@ void bucket_rows_by_code(const int64_t* indices, index_t num_rows, index_t num_c
 
 template <typename T>
 void codebook_grad_codes(const T* z, const T* grad_loss_rows, const T* codebook,
-                         const int64_t* bucket_start, const int64_t* rows_by_code, int dim,
-                         T eps, bool l2_normalize, index_t code_begin, index_t code_end,
+                         const int64_t* bucket_start, const int64_t* rows_by_code, int dim, T eps,
+                         bool l2_normalize, index_t code_begin, index_t code_end,
                          T* grad_codebook) {
   // dL/dC_j = 2 * (sum_i w_i) * c_j - 2 * sum_i w_i n_i, accumulated in double.
-  double* weighted_n = new double[dim];
-  T* n = new T[dim];
+  const index_t d = dim;
+  std::vector<double> weighted_n(d);
+  std::vector<T> n(d);
   for (index_t j = code_begin; j < code_end; ++j) {
     double weight_sum = 0;
-    for (int k = 0; k < dim; ++k) weighted_n[k] = 0;
+    for (index_t k = 0; k < d; ++k) weighted_n[k] = 0;
     for (int64_t p = bucket_start[j]; p < bucket_start[j + 1]; ++p) {
       const int64_t row = rows_by_code[p];
       const double w = grad_loss_rows[row];
-      generic::normalize_row(z + row * dim, dim, eps, l2_normalize, n);
+      generic::normalize_row(z + row * d, d, eps, l2_normalize, n.data());
       weight_sum += w;
-      for (int k = 0; k < dim; ++k) weighted_n[k] += w * n[k];
+      for (index_t k = 0; k < d; ++k) weighted_n[k] += w * n[k];
     }
-    const T* code = codebook + j * dim;
-    T* out = grad_codebook + j * dim;
-    for (int k = 0; k < dim; ++k) {
+    const T* code = codebook + j * d;
+    T* out = grad_codebook + j * d;
+    for (index_t k = 0; k < d; ++k) {
       out[k] = static_cast<T>(2.0 * (weight_sum * code[k] - weighted_n[k]));
     }
   }
-  delete[] weighted_n;
-  delete[] n;
 }
 
 template void backward_z_rows<float>(const float*, const float*, const float*, const float*,

@@ -17,25 +17,45 @@ typedef int64_t index_t;
 // per dimension). tiles[t * d * lanes + k * lanes + lane] is coordinate k of code t * lanes + lane.
 // score(z, j) = <z, code_j> + bias_j, with
 //   l2 on : code_j = c_j / max(||c_j||, eps), bias_j = 0           -> argmax = cosine nearest code
-//   l2 off: code_j = c_j,                      bias_j = -||c_j||^2/2 -> argmax = Euclidean nearest code
+//   l2 off: code_j = c_j,                      bias_j = -||c_j||^2/2 -> argmax = Euclidean nearest
+//   code
 // (||z - c||^2 = ||z||^2 - 2 (<z, c> - ||c||^2 / 2), and ||z||^2 is the same for every code).
 // Padding lanes past V get bias -inf, so they never win.
+
+// One forward call's inputs and outputs. Offsets are computed in 64 bits (index_t); dim is an int
+// because the glue rejects d > INT32_MAX. Null outputs are not computed.
+template <typename T>
+struct ForwardArgs {
+  const T* z;  // (M, dim)
+  int dim;
+  const T* tiles;  // the streamed codebook, num_tiles tiles (see above)
+  const T* bias;   // (num_tiles * lanes)
+  index_t num_tiles;
+  const T* codebook;  // (V, dim), the raw rows gathered into quantized
+  T eps;
+  bool l2_normalize;
+  T loss_scale;                // 1 + beta
+  T* quantized = nullptr;      // (M, dim) or null
+  int64_t* indices = nullptr;  // (M,), always written
+  T* loss_rows = nullptr;      // (M,) or null
+  T* gap = nullptr;            // (M,) or null: s_best - s_second (nearest_code_with_gap)
+};
+
 template <typename T>
 struct KernelTable {
   const char* isa;
-  int lanes;  // codes per tile
+  int lanes;           // codes per tile
+  int rows_per_block;  // forward_rows needs a scratch buffer of rows_per_block * dim elements
 
   // Fills tiles [tile_begin, tile_end) of the streamed codebook and its bias.
-  void (*prepare_codebook)(const T* codebook, index_t num_codes, int dim, bool l2_normalize,
-                           T eps, T* tiles, T* bias, index_t tile_begin, index_t tile_end);
+  void (*prepare_codebook)(const T* codebook, index_t num_codes, int dim, bool l2_normalize, T eps,
+                           T* tiles, T* bias, index_t tile_begin, index_t tile_end);
 
   // Rows [row_begin, row_end) of the forward: normalize, cosine nearest code (ties to the lowest
-  // index), gather the raw code, loss_rows[i] = loss_scale * ||c_idx - n_i||^2.
-  // quantized and loss_rows may be null (lookup only).
-  void (*forward_rows)(const T* z, int dim, const T* tiles, const T* bias, index_t num_tiles,
-                       const T* codebook, T eps, bool l2_normalize, T loss_scale,
-                       index_t row_begin, index_t row_end, T* quantized, int64_t* indices,
-                       T* loss_rows);
+  // index), then whichever outputs are non-null: the raw code, loss_rows[i] = loss_scale *
+  // ||c_idx - n_i||^2, the gap to the runner-up. scratch: rows_per_block * dim elements, private
+  // to the calling thread.
+  void (*forward_rows)(const ForwardArgs<T>& args, index_t row_begin, index_t row_end, T* scratch);
 };
 
 // Returns null when that instruction set was not compiled in (non-x86 hosts).
@@ -44,7 +64,8 @@ const KernelTable<float>* avx2_table_f32();
 const KernelTable<float>* generic_table_f32();
 const KernelTable<double>* generic_table_f64();
 
-// Backward, shared by every instruction set (O(N d) work: it is memory-bound, not worth ISA copies).
+// Backward, shared by every instruction set (O(N d) work: it is memory-bound, not worth ISA
+// copies).
 //
 // Per group vector i with n_i = l2(z_i) (or z_i when l2 is off), c_i = codebook[idx_i],
 // g_i = dL/dquantized_i and w_i = dL/dloss_rows_i (loss_rows_i = (1 + beta) ||c_i - n_i||^2 whose
@@ -67,8 +88,7 @@ void bucket_rows_by_code(const int64_t* indices, index_t num_rows, index_t num_c
 
 template <typename T>
 void codebook_grad_codes(const T* z, const T* grad_loss_rows, const T* codebook,
-                         const int64_t* bucket_start, const int64_t* rows_by_code, int dim,
-                         T eps, bool l2_normalize, index_t code_begin, index_t code_end,
-                         T* grad_codebook);
+                         const int64_t* bucket_start, const int64_t* rows_by_code, int dim, T eps,
+                         bool l2_normalize, index_t code_begin, index_t code_end, T* grad_codebook);
 
 }  // namespace gsq_cpu

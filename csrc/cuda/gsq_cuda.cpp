@@ -9,8 +9,10 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 #include "gsq_cuda_kernels.h"
 
@@ -27,25 +29,56 @@ DType dtype_tag(const at::Tensor& z) {
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kDouble: return DType::kFloat64;
-    default: TORCH_CHECK(false, "gsq (CUDA): z must be float32, float16, bfloat16 or float64, got ", z.scalar_type());
+    default:
+      TORCH_CHECK(false, "gsq (CUDA): z must be float32, float16, bfloat16 or float64, got ",
+                  z.scalar_type());
   }
   return DType::kFloat32;
 }
 
 void check_z_and_codebook(const char* op, const at::Tensor& z, const at::Tensor& codebook) {
   TORCH_CHECK(z.is_cuda() && codebook.is_cuda() && z.device() == codebook.device(), op,
-              ": z and codebook must be on the same CUDA device, got ", z.device(), " and ", codebook.device());
+              ": z and codebook must be on the same CUDA device, got ", z.device(), " and ",
+              codebook.device());
   TORCH_CHECK(z.dim() == 2, op, ": z must be (M, d), got shape ", z.sizes());
   TORCH_CHECK(codebook.dim() == 2, op, ": codebook must be (V, d), got shape ", codebook.sizes());
-  TORCH_CHECK(z.size(1) == codebook.size(1), op, ": z has d=", z.size(1), " but the codebook has width ",
-              codebook.size(1));
+  TORCH_CHECK(z.size(1) == codebook.size(1), op, ": z has d=", z.size(1),
+              " but the codebook has width ", codebook.size(1));
   TORCH_CHECK(z.size(1) >= 1 && codebook.size(0) >= 1, op, ": d and V must be at least 1");
   dtype_tag(z);
-  TORCH_CHECK(codebook.scalar_type() == compute_dtype(z), op, ": the codebook must be ", compute_dtype(z),
-              " for ", z.scalar_type(), " z, got ", codebook.scalar_type());
-  // cub's radix sort counts items in int; the lookup indexes codes in int64.
-  TORCH_CHECK(z.size(0) <= std::numeric_limits<int>::max(), op, ": at most 2^31-1 group vectors per call");
-  TORCH_CHECK(z.size(1) <= std::numeric_limits<int>::max(), op, ": d too large");
+  TORCH_CHECK(codebook.scalar_type() == compute_dtype(z), op, ": the codebook must be ",
+              compute_dtype(z), " for ", z.scalar_type(), " z, got ", codebook.scalar_type());
+  // cub's radix sort counts items in int; the lookup kernels index codes in int32 and offsets
+  // inside a tile (128 codes x d) too.
+  TORCH_CHECK(z.size(0) <= std::numeric_limits<int>::max(), op,
+              ": at most 2^31-1 group vectors per call, got ", z.size(0));
+  TORCH_CHECK(
+      lookup_supports(codebook.size(0), static_cast<int>(std::min<int64_t>(z.size(1), INT32_MAX))),
+      op, ": the CUDA kernels take at most 2^31-1 codes and d <= 2^24, got V=", codebook.size(0),
+      ", d=", z.size(1));
+}
+
+// Every tensor the backward reads must live on z's device: the kernels dereference raw pointers.
+void check_backward_inputs(const at::Tensor& grad_quantized, const at::Tensor& grad_loss_rows,
+                           const at::Tensor& z, const at::Tensor& codebook,
+                           const at::Tensor& indices) {
+  const char* op = "gsq::quantize_backward";
+  check_z_and_codebook(op, z, codebook);
+  const std::pair<const char*, const at::Tensor*> others[] = {{"grad_quantized", &grad_quantized},
+                                                              {"grad_loss_rows", &grad_loss_rows},
+                                                              {"indices", &indices}};
+  for (const auto& [name, tensor] : others) {
+    TORCH_CHECK(tensor->device() == z.device(), op, ": ", name, " must be on z's device (",
+                z.device(), "), got ", tensor->device());
+  }
+  const int64_t rows = z.size(0);
+  TORCH_CHECK(grad_quantized.sizes() == z.sizes(), op, ": grad_quantized has shape ",
+              grad_quantized.sizes(), ", expected ", z.sizes());
+  TORCH_CHECK(grad_loss_rows.dim() == 1 && grad_loss_rows.size(0) == rows, op,
+              ": grad_loss_rows must be (", rows, ",), got ", grad_loss_rows.sizes());
+  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == rows && indices.scalar_type() == at::kLong,
+              op, ": indices must be int64 of shape (", rows, ",), got ", indices.scalar_type(),
+              " of shape ", indices.sizes());
 }
 
 void check_launch(cudaError_t status, const char* what) {
@@ -53,30 +86,33 @@ void check_launch(cudaError_t status, const char* what) {
 }
 
 // (codes, bias) the lookup streams; see prepare_codebook in gsq_cuda_kernels.h.
-std::tuple<at::Tensor, at::Tensor> prepared_codebook(const at::Tensor& codebook, double eps, bool l2_normalize,
-                                                     cudaStream_t stream) {
+std::tuple<at::Tensor, at::Tensor> prepared_codebook(const at::Tensor& codebook, double eps,
+                                                     bool l2_normalize, cudaStream_t stream) {
   at::Tensor codes = at::empty(codebook.sizes(), codebook.options());
   at::Tensor bias = at::empty({codebook.size(0)}, codebook.options());
-  check_launch(prepare_codebook(codebook.data_ptr(), codebook.scalar_type() == at::kDouble, codebook.size(0),
-                                static_cast<int>(codebook.size(1)), eps, l2_normalize, codes.data_ptr(),
-                                bias.data_ptr(), stream),
+  check_launch(prepare_codebook(codebook.data_ptr(), codebook.scalar_type() == at::kDouble,
+                                codebook.size(0), static_cast<int>(codebook.size(1)), eps,
+                                l2_normalize, codes.data_ptr(), bias.data_ptr(), stream),
                "prepare_codebook");
   return {codes, bias};
 }
 
-at::Tensor run_lookup(const at::Tensor& z, const at::Tensor& codebook, double eps, bool l2_normalize,
-                      cudaStream_t stream) {
+// Indices of the fused lookup; also fills `gap` (compute dtype, (M,)) when it is defined.
+at::Tensor run_lookup(const at::Tensor& z, const at::Tensor& codebook, double eps,
+                      bool l2_normalize, const at::Tensor& gap, cudaStream_t stream) {
   const int64_t rows = z.size(0);
   const int dim = static_cast<int>(z.size(1));
   at::Tensor indices = at::empty({rows}, z.options().dtype(at::kLong));
   if (rows == 0) return indices;
   auto [codes, bias] = prepared_codebook(codebook, eps, l2_normalize, stream);
   const size_t scratch_bytes = lookup_workspace_bytes(rows, dim, dtype_tag(z));
-  at::Tensor scratch = at::empty({static_cast<int64_t>(scratch_bytes)}, z.options().dtype(at::kByte));
-  check_launch(lookup(z.data_ptr(), dtype_tag(z), rows, dim, codes.data_ptr(), bias.data_ptr(),
-                      codebook.size(0), eps, l2_normalize, scratch_bytes ? scratch.data_ptr() : nullptr,
-                      indices.data_ptr<int64_t>(), stream),
-               "lookup");
+  at::Tensor scratch =
+      at::empty({static_cast<int64_t>(scratch_bytes)}, z.options().dtype(at::kByte));
+  check_launch(
+      lookup(z.data_ptr(), dtype_tag(z), rows, dim, codes.data_ptr(), bias.data_ptr(),
+             codebook.size(0), eps, l2_normalize, scratch_bytes ? scratch.data_ptr() : nullptr,
+             indices.data_ptr<int64_t>(), gap.defined() ? gap.data_ptr() : nullptr, stream),
+      "lookup");
   return indices;
 }
 
@@ -89,36 +125,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cuda(const at::T
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor z = z_in.contiguous();
   const at::Tensor codebook = codebook_in.contiguous();
-  at::Tensor indices = run_lookup(z, codebook, eps, l2_normalize, stream);
+  at::Tensor indices = run_lookup(z, codebook, eps, l2_normalize, at::Tensor(), stream);
   at::Tensor quantized = at::empty(z.sizes(), z.options());
   at::Tensor loss_rows = at::empty({z.size(0)}, z.options().dtype(compute_dtype(z)));
-  check_launch(gather_codes(z.data_ptr(), dtype_tag(z), codebook.data_ptr(), indices.data_ptr<int64_t>(),
-                            z.size(0), static_cast<int>(z.size(1)), eps, l2_normalize, 1.0 + beta,
-                            quantized.data_ptr(), loss_rows.data_ptr(), stream),
-               "gather_codes");
+  check_launch(
+      gather_codes(z.data_ptr(), dtype_tag(z), codebook.data_ptr(), indices.data_ptr<int64_t>(),
+                   z.size(0), static_cast<int>(z.size(1)), eps, l2_normalize, 1.0 + beta,
+                   quantized.data_ptr(), loss_rows.data_ptr(), stream),
+      "gather_codes");
   return {quantized, indices, loss_rows};
 }
 
-at::Tensor nearest_code_cuda(const at::Tensor& z_in, const at::Tensor& codebook_in, double eps, bool l2_normalize) {
+at::Tensor nearest_code_cuda(const at::Tensor& z_in, const at::Tensor& codebook_in, double eps,
+                             bool l2_normalize) {
   check_z_and_codebook("gsq::nearest_code", z_in, codebook_in);
   const c10::cuda::CUDAGuard guard(z_in.device());
-  return run_lookup(z_in.contiguous(), codebook_in.contiguous(), eps, l2_normalize,
+  return run_lookup(z_in.contiguous(), codebook_in.contiguous(), eps, l2_normalize, at::Tensor(),
                     c10::cuda::getCurrentCUDAStream());
 }
 
+std::tuple<at::Tensor, at::Tensor> nearest_code_with_gap_cuda(const at::Tensor& z_in,
+                                                              const at::Tensor& codebook_in,
+                                                              double eps, bool l2_normalize) {
+  check_z_and_codebook("gsq::nearest_code_with_gap", z_in, codebook_in);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor z = z_in.contiguous();
+  at::Tensor gap = at::empty({z.size(0)}, z.options().dtype(compute_dtype(z)));
+  at::Tensor indices = run_lookup(z, codebook_in.contiguous(), eps, l2_normalize, gap,
+                                  c10::cuda::getCurrentCUDAStream());
+  return {indices, gap};
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad_quantized_in,
-                                                         const at::Tensor& grad_loss_rows_in,
-                                                         const at::Tensor& z_in, const at::Tensor& codebook_in,
-                                                         const at::Tensor& indices_in, double beta, double eps,
-                                                         bool l2_normalize) {
-  check_z_and_codebook("gsq::quantize_backward", z_in, codebook_in);
+                                                          const at::Tensor& grad_loss_rows_in,
+                                                          const at::Tensor& z_in,
+                                                          const at::Tensor& codebook_in,
+                                                          const at::Tensor& indices_in, double beta,
+                                                          double eps, bool l2_normalize) {
+  check_backward_inputs(grad_quantized_in, grad_loss_rows_in, z_in, codebook_in, indices_in);
   const int64_t rows = z_in.size(0);
-  TORCH_CHECK(grad_quantized_in.sizes() == z_in.sizes(), "gsq::quantize_backward: grad_quantized has shape ",
-              grad_quantized_in.sizes(), ", expected ", z_in.sizes());
-  TORCH_CHECK(grad_loss_rows_in.dim() == 1 && grad_loss_rows_in.size(0) == rows,
-              "gsq::quantize_backward: grad_loss_rows must be (", rows, ",), got ", grad_loss_rows_in.sizes());
-  TORCH_CHECK(indices_in.dim() == 1 && indices_in.size(0) == rows && indices_in.scalar_type() == at::kLong,
-              "gsq::quantize_backward: indices must be int64 of shape (", rows, ",)");
   // The indices are trusted to lie in [0, V) (they come from quantize_forward): checking them here
   // would need a device-to-host copy, i.e. a synchronization on every backward.
   const c10::cuda::CUDAGuard guard(z_in.device());
@@ -131,12 +176,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad
   const int dim = static_cast<int>(z.size(1));
   at::Tensor grad_z = at::empty(z.sizes(), z.options());
   at::Tensor grad_codebook = at::empty(codebook.sizes(), codebook.options());
-  const size_t workspace_bytes = backward_workspace_bytes(rows, codebook.size(0), dim, dtype_tag(z));
-  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, z.options().dtype(at::kByte));
-  check_launch(backward(z.data_ptr(), grad_quantized.data_ptr(), dtype_tag(z), grad_loss_rows.data_ptr(),
-                        codebook.data_ptr(), indices.data_ptr<int64_t>(), rows, codebook.size(0), dim, beta, eps,
-                        l2_normalize, workspace.data_ptr(), workspace_bytes, grad_z.data_ptr(),
-                        grad_codebook.data_ptr(), stream),
+  const size_t workspace_bytes =
+      backward_workspace_bytes(rows, codebook.size(0), dim, dtype_tag(z));
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(workspace_bytes)}, z.options().dtype(at::kByte));
+  check_launch(backward(z.data_ptr(), grad_quantized.data_ptr(), dtype_tag(z),
+                        grad_loss_rows.data_ptr(), codebook.data_ptr(), indices.data_ptr<int64_t>(),
+                        rows, codebook.size(0), dim, beta, eps, l2_normalize, workspace.data_ptr(),
+                        workspace_bytes, grad_z.data_ptr(), grad_codebook.data_ptr(), stream),
                "backward");
   return {grad_z, grad_codebook};
 }
@@ -148,4 +195,5 @@ TORCH_LIBRARY_IMPL(gsq, CUDA, m) {
   m.impl("quantize_forward", &gsq_cuda::quantize_forward_cuda);
   m.impl("quantize_backward", &gsq_cuda::quantize_backward_cuda);
   m.impl("nearest_code", &gsq_cuda::nearest_code_cuda);
+  m.impl("nearest_code_with_gap", &gsq_cuda::nearest_code_with_gap_cuda);
 }

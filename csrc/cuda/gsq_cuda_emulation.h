@@ -1,13 +1,16 @@
 // A minimal CUDA execution model on the CPU, so gsq_cuda_kernels.cu can be compiled as plain C++
 // and its logic tested where no GPU exists (tests/test_cuda_kernels_emulated.py). Not a general
-// emulator: only what those kernels use (1-D launches, __syncthreads, full-warp xor shuffles,
-// __shared__ arrays, half/bfloat16 conversions).
+// emulator: only what those kernels use (1-D launches, __syncthreads, full-warp xor shuffles and
+// votes, __shared__ arrays, half/bfloat16 conversions).
 //
 // Model: blocks run one after another; the threads of a block run as real threads, so
-// __syncthreads is a barrier and a warp shuffle is an exchange between 32 threads. __shared__
-// becomes `static`: one copy per kernel instantiation, which is exactly one per block because
-// blocks never overlap. A thread that returns early drops out of the barriers, as on a GPU.
-// Device memory is host memory.
+// __syncthreads is a barrier and a warp shuffle or vote is an exchange between 32 threads.
+// __shared__ becomes `static`: one copy per kernel instantiation, which is exactly one per block
+// because blocks never overlap. A thread that returns early drops out of the barriers, as on a
+// GPU. Device memory is host memory.
+//
+// Tests also read what a GPU would not report: a log of the launches (kernel, blocks, threads)
+// and named counters the kernels bump through GSQ_PROBE_* (no-ops in the CUDA build).
 #pragma once
 
 #include <math.h>
@@ -15,9 +18,14 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -27,6 +35,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 typedef int cudaError_t;
 typedef void* cudaStream_t;
@@ -58,7 +67,30 @@ struct BlockState {
 
 inline BlockState* block_state = nullptr;
 
-inline void launch(int blocks, int threads, const std::function<void()>& body) {
+struct Launch {
+  std::string kernel;
+  int blocks, threads;
+};
+inline std::mutex record_mutex;
+inline std::vector<Launch> launches;
+inline std::map<std::string, std::atomic<int64_t>> probes;
+
+inline std::atomic<int64_t>& probe(const char* name) {
+  std::lock_guard<std::mutex> lock(record_mutex);
+  return probes[name];
+}
+
+inline void reset_records() {
+  std::lock_guard<std::mutex> lock(record_mutex);
+  launches.clear();
+  for (auto& entry : probes) entry.second = 0;
+}
+
+inline void launch(const char* kernel, int blocks, int threads, const std::function<void()>& body) {
+  {
+    std::lock_guard<std::mutex> lock(record_mutex);
+    launches.push_back(Launch{kernel, blocks, threads});
+  }
   block_dim = Dim{static_cast<unsigned>(threads), 1, 1};
   grid_dim = Dim{static_cast<unsigned>(blocks), 1, 1};
   for (int b = 0; b < blocks; ++b) {
@@ -107,6 +139,43 @@ inline T __shfl_xor_sync(unsigned /*mask: always the full warp here*/, T value, 
   return other;
 }
 
+inline unsigned __ballot_sync(unsigned /*mask: always the full warp here*/, bool predicate) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  auto& slots = gsq_emu::block_state->exchange[warp];
+  auto& barrier = *gsq_emu::block_state->warp_barriers[warp];
+  slots[lane] = predicate ? 1 : 0;
+  barrier.arrive_and_wait();
+  unsigned votes = 0;
+  for (int l = 0; l < 32; ++l) votes |= static_cast<unsigned>(slots[l]) << l;
+  barrier.arrive_and_wait();
+  return votes;
+}
+
+inline bool __any_sync(unsigned mask, bool predicate) {
+  return __ballot_sync(mask, predicate) != 0;
+}
+
+// Probes: GSQ_PROBE_ADD(name, v) adds v; GSQ_PROBE_MAX(name, v) keeps the largest v;
+// GSQ_PROBE_WARP_ANY(name, p, v), called by a whole warp, adds v once if any lane's p holds.
+#define GSQ_PROBE_ADD(name, value)                                  \
+  do {                                                              \
+    static std::atomic<int64_t>& gsq_probe_ = gsq_emu::probe(name); \
+    gsq_probe_.fetch_add(static_cast<int64_t>(value));              \
+  } while (0)
+#define GSQ_PROBE_MAX(name, value)                                                               \
+  do {                                                                                           \
+    static std::atomic<int64_t>& gsq_probe_ = gsq_emu::probe(name);                              \
+    const int64_t gsq_value_ = static_cast<int64_t>(value);                                      \
+    int64_t gsq_seen_ = gsq_probe_.load();                                                       \
+    while (gsq_seen_ < gsq_value_ && !gsq_probe_.compare_exchange_weak(gsq_seen_, gsq_value_)) { \
+    }                                                                                            \
+  } while (0)
+#define GSQ_PROBE_WARP_ANY(name, predicate, value)                                                 \
+  do {                                                                                             \
+    if (__any_sync(0xffffffffu, (predicate)) && threadIdx.x % 32 == 0) GSQ_PROBE_ADD(name, value); \
+  } while (0)
+
 // IEEE half and bfloat16 storage types with round-to-nearest-even conversions.
 struct __half {
   uint16_t bits;
@@ -149,7 +218,8 @@ inline __half __float2half_rn(float f) {
   const uint32_t sign = (x >> 16) & 0x8000u;
   const int exponent = static_cast<int>((x >> 23) & 0xff) - 127 + 15;
   uint32_t mantissa = x & 0x7fffffu;
-  if (((x >> 23) & 0xff) == 0xff) return __half{static_cast<uint16_t>(sign | 0x7c00u | (mantissa ? 0x200u : 0))};
+  if (((x >> 23) & 0xff) == 0xff)
+    return __half{static_cast<uint16_t>(sign | 0x7c00u | (mantissa ? 0x200u : 0))};
   if (exponent >= 0x1f) return __half{static_cast<uint16_t>(sign | 0x7c00u)};
   if (exponent <= 0) {
     if (exponent < -10) return __half{static_cast<uint16_t>(sign)};
@@ -177,7 +247,8 @@ inline float __bfloat162float(__nv_bfloat16 b) {
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   uint32_t x;
   memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((x >> 16) | 0x40u)};
+  if ((x & 0x7fffffffu) > 0x7f800000u)
+    return __nv_bfloat16{static_cast<uint16_t>((x >> 16) | 0x40u)};
   const uint32_t rounding = 0x7fffu + ((x >> 16) & 1u);
   return __nv_bfloat16{static_cast<uint16_t>((x + rounding) >> 16)};
 }

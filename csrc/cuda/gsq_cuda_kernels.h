@@ -29,15 +29,23 @@ cudaError_t prepare_codebook(const void* codebook, bool is_double, int64_t num_c
                              double eps, bool l2_normalize, void* codes, void* bias,
                              cudaStream_t stream);
 
+// Whether `lookup` takes this codebook size and width: 1 <= V < 2^31 (codes are indexed in int32
+// inside the kernels) and 1 <= dim <= 2^24 (so a tile's offsets fit in int32).
+bool lookup_supports(int64_t num_codes, int dim);
+
 // Bytes of scratch `lookup` needs (the normalized rows of the general-d path; 0 otherwise).
 size_t lookup_workspace_bytes(int64_t num_rows, int dim, DType dtype);
 
-// indices[i] = argmax_j <n_i, codes_j> + bias_j, ties to the lowest j. Never forms the M x V matrix.
+// indices[i] = argmax_j s_ij, s_ij = <n_i, codes_j> + bias_j, ties to the lowest j; 0 for a row
+// holding NaN/inf. If `gap` is not null (compute type, num_rows entries) it also gets
+// gap[i] = s_i,idx - max_{j != idx} s_ij: 0 on a tie, +inf when V == 1 or the row is not finite.
+// Never forms the M x V matrix. cudaErrorInvalidValue unless lookup_supports(num_codes, dim).
 cudaError_t lookup(const void* z, DType dtype, int64_t num_rows, int dim, const void* codes,
                    const void* bias, int64_t num_codes, double eps, bool l2_normalize,
-                   void* workspace, int64_t* indices, cudaStream_t stream);
+                   void* workspace, int64_t* indices, void* gap, cudaStream_t stream);
 
-// quantized_i = codebook[idx_i] (cast to the latent's dtype), loss_rows_i = loss_scale ||c - n_i||^2.
+// quantized_i = codebook[idx_i] (cast to the latent's dtype), loss_rows_i = loss_scale ||c -
+// n_i||^2.
 cudaError_t gather_codes(const void* z, DType dtype, const void* codebook, const int64_t* indices,
                          int64_t num_rows, int dim, double eps, bool l2_normalize,
                          double loss_scale, void* quantized, void* loss_rows, cudaStream_t stream);

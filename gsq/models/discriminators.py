@@ -1,4 +1,4 @@
-"""Discriminators of GSQ-GAN (GSQ.md section 3).
+"""Discriminators of GSQ-GAN (docs/spec.md, "Architecture").
 
 - DinoDiscriminator, the paper's default: a frozen DINOv2 ViT-S/14 with registers (timm) reads
   DiffAugment-ed images; trainable heads on its patch-embedding tokens and on the outputs of
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..pretrained import load_state_dict_file, resolve
+from ..pretrained import hf_hub_file, load_state_dict_file, resolve
 
 DINO_MODEL = "vit_small_patch14_reg4_dinov2.lvd142m"  # timm's DINOv2 ViT-S/14 with 4 registers
 DINO_HOOKS = (2, 5, 8, 11)  # blocks whose outputs get a head (plus the patch-embedding tokens)
@@ -68,8 +68,7 @@ def _cutout(x: Tensor, ratio: float = 0.5) -> Tensor:
     return x * (~hole).unsqueeze(1).to(x.dtype)
 
 
-AUGMENTATIONS = {"color": (_brightness, _saturation, _contrast), "translation": (_translation,),
-                 "cutout": (_cutout,)}
+AUGMENTATIONS = {"color": (_brightness, _saturation, _contrast), "translation": (_translation,), "cutout": (_cutout,)}
 
 
 def diff_augment(x: Tensor, policy: str) -> Tensor:
@@ -164,10 +163,12 @@ def dino_state_dict_for(model: nn.Module, state: dict) -> dict:
 
 
 def dino_from_hub(resolution: int) -> nn.Module:
-    """DINOv2 ViT-S/14-reg with its pretrained weights from the Hugging Face hub (or its cache)."""
-    import timm
-
-    return timm.create_model(DINO_MODEL, pretrained=True, img_size=resolution, num_classes=0)
+    """DINOv2 ViT-S/14-reg with timm's pretrained weights from the Hugging Face hub (or its cache),
+    loaded as a local file is: offline, hf_hub_file fails at once where timm would retry."""
+    state = load_state_dict_file(hf_hub_file(f"timm/{DINO_MODEL}", "model.safetensors"))
+    model = create_dino_backbone(resolution)
+    model.load_state_dict(dino_state_dict_for(model, state), strict=True)
+    return model
 
 
 def build_dino_backbone(weights_file: str = "", resolution: int = 518) -> tuple[nn.Module, str]:
@@ -179,8 +180,15 @@ def build_dino_backbone(weights_file: str = "", resolution: int = 518) -> tuple[
         model.load_state_dict(dino_state_dict_for(model, load_state_dict_file(path)), strict=True)
         return model
 
-    model, source = resolve("the DINOv2 discriminator backbone", weights_file, "GSQ_DINO_WEIGHTS", from_file,
-                            lambda: dino_from_hub(resolution))
+    model, source = resolve(
+        "the DINOv2 discriminator backbone",
+        weights_file,
+        "GSQ_DINO_WEIGHTS",
+        from_file,
+        lambda: dino_from_hub(resolution),
+        option="discriminator.dino_weights=FILE",
+        file="a DINOv2 ViT-S/14-reg state dict (timm or original layout)",
+    )
     return model.eval().requires_grad_(False), source
 
 

@@ -1,4 +1,4 @@
-"""Building blocks of the GSQ-GAN autoencoder (GSQ.md section 3).
+"""Building blocks of the GSQ-GAN autoencoder (docs/spec.md, "Architecture").
 
 Each block holds the same tensors, with the same shapes, as its counterpart in the public reference
 code (flex_gen), so its checkpoints convert tensor for tensor (gsq/convert.py keeps the name map).
@@ -96,6 +96,19 @@ class DepthToSpaceUpsample(nn.Module):
         return depth_to_space(self.conv(x), 2)
 
 
+class NearestUpsample(nn.Module):
+    """Nearest-neighbour 2x, then conv3x3 C -> C (the reference's up-sampling when its learnable
+    depth-to-space is off)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        _kaiming(self.conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
 class AdaptiveGroupNorm(nn.Module):
     """GroupNorm without affine, then x * Linear(std_hw(q)) + Linear(mean_hw(q)), where q is the
     quantized latent: the decoder's feature statistics are set by the tokens' statistics.
@@ -113,6 +126,9 @@ class AdaptiveGroupNorm(nn.Module):
 
     def forward(self, x: Tensor, condition: Tensor) -> Tensor:
         flat = condition.flatten(2)
+        # Deliberate deviation: the reference's unbiased variance of a single position (a 1x1
+        # latent) is NaN, which would turn the whole image NaN; the biased one is 0, so the scale
+        # becomes Linear(sqrt(eps)) and the output stays finite. Larger latents match exactly.
         correction = 1 if flat.shape[-1] > 1 else 0
         std = (flat.var(dim=-1, correction=correction) + self.eps).sqrt()
         scale = self.scale(std)[:, :, None, None]

@@ -1,10 +1,10 @@
-"""GSQTokenizer: encoder -> GroupedSphericalQuantizer -> decoder (GSQ.md section 3).
+"""GSQTokenizer: encoder -> GroupedSphericalQuantizer -> decoder (docs/spec.md, "Architecture").
 
-    model = GSQTokenizer(config.model)
-    out = model(images)               # images in [-1, 1], (B, 3, H, W)
-    out.reconstruction, out.indices, out.quantizer_loss
-    tokens = model.encode(images)     # (B, H/f, W/f, G) int64, each in [0, V)
-    images = model.decode(tokens)     # (B, 3, H, W), unclamped
+model = GSQTokenizer(config.model)
+out = model(images)               # images in [-1, 1], (B, 3, H, W)
+out.reconstruction, out.indices, out.quantizer_loss
+tokens = model.encode(images)     # (B, H/f, W/f, G) int64, each in [0, V)
+images = model.decode(tokens)     # (B, 3, H, W), unclamped
 """
 
 from __future__ import annotations
@@ -34,8 +34,14 @@ class GSQTokenizer(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.quantizer = GroupedSphericalQuantizer(
-            config.latent_channels, config.codebook_size, config.groups, beta=config.beta,
-            l2_normalize=config.l2_normalize, backend=config.quantizer_backend, init=config.codebook_init,
+            config.latent_channels,
+            config.codebook_size,
+            config.groups,
+            beta=config.beta,
+            l2_normalize=config.l2_normalize,
+            backend=config.quantizer_backend,
+            init=config.codebook_init,
+            lookup=config.quantizer_lookup,
         )
         self.decoder = Decoder(config)
 
@@ -78,8 +84,10 @@ class GSQTokenizer(nn.Module):
         if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.config.codebook_size):
-            raise ValueError(f"indices must be in [0, {self.config.codebook_size}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+            raise ValueError(
+                f"indices must be in [0, {self.config.codebook_size}), got values in "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
         return self.decoder(self.quantizer.decode_indices(indices.long()))
 
 

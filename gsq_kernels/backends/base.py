@@ -3,20 +3,30 @@ compute dtype (float32, or float64 for float64 z); layouts and validation live i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Backend:
     name: str
     device_types: tuple[str, ...]
     available: bool
-    reason: str  # why it is unavailable, or a short description of what runs
+    # One line for backend_report(): what runs ("C++/OpenMP, avx512 kernels, prebuilt") when the
+    # backend is available, why it is not ("no CUDA device is visible") when it is not.
+    status: str = ""
     how_to_get: str
-    # (z, codebook, beta, eps, l2_normalize) -> (quantized, indices, loss), differentiable in z and codebook
+    # (z, codebook, beta, eps, l2_normalize) -> (quantized, indices, loss), differentiable in z and
+    # codebook: the fused fp32 dot-product lookup (lookup="dot")
     quantize: Callable[[Tensor, Tensor, float, float, bool], tuple[Tensor, Tensor, Tensor]]
-    # (z, codebook, eps, l2_normalize) -> indices
+    # (z, codebook, eps, l2_normalize) -> indices, the same lookup alone
     nearest_code: Callable[[Tensor, Tensor, float, bool], Tensor]
+    # (z, codebook, eps, l2_normalize) -> (indices, gap): the same scan's winner and its score
+    # margin over the runner-up, which the exact lookup (lookup.py) refines from
+    nearest_code_with_gap: Callable[[Tensor, Tensor, float, bool], tuple[Tensor, Tensor]] | None = None
+    # (grad_quantized, grad_loss_rows, z, codebook, indices, beta, eps, l2_normalize)
+    #   -> (grad_z, grad_codebook): the fused backward for given indices; None for the reference,
+    # whose exact-mode forward is differentiated by autograd
+    backward: Callable[..., tuple[Tensor, Tensor]] | None = None

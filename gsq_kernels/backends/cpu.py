@@ -17,8 +17,10 @@ BACKEND = Backend(
     name="cpu",
     device_types=("cpu",),
     available=ops.OPS_AVAILABLE,
-    reason=_describe(),
+    status=_describe(),
     how_to_get="install a C++ compiler and reinstall with `pip install --no-build-isolation -e .`",
     quantize=ops.quantize,
     nearest_code=ops.nearest_code,
+    nearest_code_with_gap=ops.nearest_code_with_gap,
+    backward=ops.backward,
 )

@@ -9,11 +9,11 @@ from .._extension import STATUS
 from .base import Backend
 
 
-def _status() -> tuple[bool, str]:
+def _availability() -> tuple[bool, str]:
     if not ops.OPS_AVAILABLE:
         return False, f"compiled extension not loaded: {STATUS.origin}"
     if not STATUS.with_cuda:
-        return False, "the extension was built without CUDA (CPU-only torch or no nvcc at build time)"
+        return False, f"the extension was built without CUDA ({STATUS.cuda_skipped or 'CPU-only torch or no nvcc'})"
     if not torch._C._dispatch_has_kernel_for_dispatch_key("gsq::quantize_forward", "CUDA"):
         return False, "the extension has no CUDA kernels registered"
     if not torch.cuda.is_available():
@@ -21,15 +21,19 @@ def _status() -> tuple[bool, str]:
     return True, f"CUDA C++, {STATUS.origin}"
 
 
-_available, _reason = _status()
+_available, _status = _availability()
 
 BACKEND = Backend(
     name="cuda",
     device_types=("cuda",),
     available=_available,
-    reason=_reason,
-    how_to_get=("install a CUDA build of torch and the CUDA toolkit (nvcc; set CUDA_HOME), then "
-                "reinstall with `pip install --no-build-isolation -e .` on a machine with a GPU"),
+    status=_status,
+    how_to_get=(
+        "install a CUDA build of torch and the CUDA toolkit (nvcc; set CUDA_HOME), then "
+        "reinstall with `pip install --no-build-isolation -e .` on a machine with a GPU"
+    ),
     quantize=ops.quantize,
     nearest_code=ops.nearest_code,
+    nearest_code_with_gap=ops.nearest_code_with_gap,
+    backward=ops.backward,
 )

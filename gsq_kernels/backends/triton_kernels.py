@@ -1,170 +1,302 @@
-"""Triton kernels for GSQ: the fused lookup forward and the straight-through backward.
+"""Triton kernels for GSQ: the fused lookup forward (with or without the runner-up's gap) and the
+straight-through backward.
 
 All kernels work on flattened group vectors z (M, D) (D = d, the group width, a compile-time
 constant) and compute in float32 whatever z's dtype (fp32/fp16/bf16).
 
-Forward (gsq_forward_kernel), per tile of BLOCK_M group vectors:
-    n      = z / max(||z||, eps)                     (l2 on; n = z when off)
-    score  = <n, code_j> + bias_j                    streamed over codebook tiles of BLOCK_V codes
-    idx    = argmax_j score                           running max/argmax across tiles ("flash" style)
-    out    = c_idx (raw row, z's dtype);  loss_row = (1 + beta) ||c_idx - n||^2
+Forward, in two launches:
+  gsq_normalize_rows_kernel, once per row:
+    n = z / max(||z||, eps)        (l2 on; n = z when off), written to an (M, D) float32 workspace,
+    and the row's denominator max(||z||, eps); a row holding NaN/inf gets n = 0 (scored as zeros,
+    index 0 below) and a NaN denominator (its flag; its loss stays NaN/inf).
+  Normalizing once here, not once per codebook tile, matters: the division is correctly rounded
+  (div.rn, ~10 instructions) and a thread would otherwise redo it for each of its rows in every tile.
+  gsq_forward_kernel, per tile of BLOCK_M rows:
+    score_j = <n, code_j> + bias_j                    streamed over codebook tiles of BLOCK_V codes
+    idx     = argmax_j score_j                         running max/argmax across tiles ("flash" style)
+    gap     = score_idx - max_{j != idx} score_j       (WITH_GAP; +inf for V = 1 and non-finite rows,
+                                                        0 where all scores overflowed to -inf alike)
+    out     = c_idx (raw row, z's dtype);  loss_row = (1 + beta) ||c_idx - n||^2   (WRITE_OUTPUTS)
   code_j and bias_j come pre-processed once per call (see prepare_codebook in triton.py):
     l2 on : code_j = c_j / max(||c_j||, eps), bias_j = 0
     l2 off: code_j = c_j, bias_j = -||c_j||^2 / 2     (argmax = argmin ||z - c_j||^2)
   stored transposed, (D, V), so a tile of one coordinate of BLOCK_V codes is one contiguous load.
+  Scores: float32 FMAs in coordinate order from 0, then + bias_j: tl.dot over K chunks of BLOCK_K
+  with input_precision="ieee", i.e. exact float32 FMA (TF32 tensor cores round the operands to 10
+  mantissa bits and would change which code wins). Every width takes this path, D padded with zeros
+  to BLOCK_D >= 8 (an FMA with a zero operand leaves the sum unchanged): the dot's FMA lowering gives
+  each thread a 2-D block of scores (4 x 4 per repetition), where D rank-1 updates of broadcast
+  vectors get one column per thread and twice the instructions per score at d = 4.
   Ties: inside a tile tl.max(..., return_indices_tie_break_left=True) keeps the lowest index; across
-  tiles a strictly greater score is needed to replace the running best, so earlier tiles win. The
-  M x V score matrix is never formed: memory is O(M D + V D).
-  Two inner products: for D < 16, D broadcast multiply-adds of a column of n against a row of
-  codes (tensor cores need K >= 16 and would only pad zeros); for D >= 16, tl.dot over K chunks of
-  BLOCK_K with input_precision="ieee", i.e. exact float32 FMA: TF32 tensor cores round the
-  operands to 10 mantissa bits and would change which code wins for rows far from any tie.
+  tiles a strictly greater score is needed to replace the running best, so earlier tiles win.
+  Runner-up: with (best, second) the running pair and tile_second the tile's max with its argmax
+  masked out (a duplicate of the max stays, so exact ties give gap 0):
+    second = max(second, min(tile_best, best))        = max(second, tile_best) where the tile loses,
+                                                        the old best where it wins;
+    where tile_best > best: second = max(second, tile_second).
+  tile_second (a compare, a select and a max per score) is computed only in the tiles where some row
+  of the block finds a new best: O(BLOCK_M log(V / BLOCK_V)) of the V / BLOCK_V tiles on random data,
+  so for large V the runner-up costs ~1.4 instructions per score, ~7% of the scan at d <= 8 (SASS
+  count at 64 x 64; 28% when computed in every tile).
+  The M x V score matrix is never formed: memory is O(M D + V D).
 
 Backward, with g = dL/dquantized and w = dL/dloss_row (see gsq_kernels/ops.py for why loss_rows
 carries beta's share to n and the rest to the codebook):
     dL/dn  = g + 2 beta w (n - c)
     dL/dz  = (dL/dn - n <n, dL/dn>) / ||z||  (l2 on, ||z|| >= eps);  dL/dn / eps  (||z|| < eps);
              dL/dn  (l2 off)                                         gsq_backward_z_kernel
-    dL/dC_j = sum over rows i with idx_i = j of 2 w_i (c_j - n_i)       gsq_codebook_grad_kernel
-  The codebook gradient is a segment reduction, not atomics: rows are sorted by code (a stable
-  sort, so each code lists its rows in increasing order) and each program sums the segments of
-  BLOCK_C codes in that fixed order. The result is deterministic, run to run and whatever the
-  launch configuration; a code chosen by many rows costs its program proportionally more steps.
+    dL/dC_j = sum over rows i with idx_i = j of 2 w_i (c_j - n_i)
+  The codebook gradient is a segment reduction, not atomics, in a fixed order: rows are sorted by
+  code (a stable sort, so each code lists its rows in increasing order) and each code's list is cut
+  into chunks of CHUNK rows (the last one shorter). gsq_codebook_grad_chunks_kernel sums each chunk's
+  rows in order, all chunks in parallel; gsq_codebook_grad_combine_kernel sums each code's chunk
+  sums in order. The result is deterministic, run to run and whatever the launch configuration, and
+  a code chosen by every row (a collapsed codebook) costs CHUNK + M / CHUNK serial steps, not M.
+
+sqrt and division are the correctly rounded tl.sqrt_rn / tl.div_rn everywhere (tl.sqrt and '/'
+compile to sqrt.approx.ftz / div.full, which differ from the CPU and CUDA backends in the last bits
+and flush a subnormal sum of squares to zero). Offsets are 64-bit.
 
 Under TRITON_INTERPRET=1 (CPU tests) a single large-block configuration is used: the interpreter's
-cost grows with programs x loop steps, not with block size. On a GPU the forward is autotuned over a
-few tile shapes; the memory-bound backward kernels size their tiles from d (rows_per_program).
-Every variant compiles for sm_90a (tests/test_triton_gpu_compile.py runs triton.compile + ptxas,
-no GPU needed); the forward spills nothing up to d = 16, a few bytes at d = 64 and a few hundred at
-d = 256 with 64 x 64 tiles (the autotuner may prefer other shapes there).
+cost grows with programs x loop steps, not with block size. On a GPU the forward is autotuned over
+the tile shapes of forward_configs(D), keyed by a power-of-two bucket of M; the memory-bound kernels
+size their tiles from d (rows_per_program). tests/triton_sm90_compile.py compiles every variant the
+autotuner may pick for sm_90a (triton.compile + ptxas, no GPU needed) and reports registers and
+spills: the forward spills nothing; the others spill no register inside a loop (the codebook-gradient
+kernel saves one or three around the slow-path calls of the correctly rounded sqrt/division).
 """
 
 from __future__ import annotations
 
-import os
-
+import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton import INTERPRETED
+
+# (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) for the scan's padded width BLOCK_D (8: d <= 8;
+# "wide": 64 and up); the first is the default. Every entry compiles for sm_90a without a spilled
+# byte in every forward variant and dtype (python tests/triton_sm90_compile.py): the shapes that
+# spilled are left out (128 x 64 at d <= 8; 64 x 64 at 16; 32 x 128 and 64 x 256 at 32; 64 x 256
+# from 64 on). BLOCK_K = 8 keeps the FMA dot's operand fragments small: at 16 or 32, every tile past
+# 64 x 64 spilled at d >= 64.
+_FORWARD_TILES = {
+    8: (
+        (64, 64, 8, 4, 3),
+        (64, 128, 8, 4, 3),
+        (32, 128, 8, 4, 3),
+        (128, 128, 8, 8, 3),
+        (256, 64, 8, 8, 3),
+        (64, 256, 8, 8, 3),
+    ),
+    16: ((32, 128, 8, 4, 3), (128, 128, 8, 8, 3), (64, 256, 8, 8, 3)),
+    32: ((64, 64, 8, 4, 3), (128, 128, 8, 8, 3)),
+    "wide": ((64, 64, 8, 4, 3), (32, 128, 8, 4, 3), (128, 128, 8, 8, 3)),
+}
+# Upper end of the M buckets of the autotune key: beyond it every tile shape fills the GPU.
+ROWS_BUCKET_CAP = 1 << 20
 
 
-def _forward_configs():
+def forward_configs(block_d: int) -> list:
+    """The configurations the forward may run with at this padded width (the first is the default)."""
     if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_V": 1024}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_V": 1024, "BLOCK_K": block_d}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_V": block_v}, num_warps=warps, num_stages=stages)
-        for block_m, block_v, warps, stages in (
-            (64, 64, 4, 3),
-            (128, 64, 4, 3),
-            (64, 128, 4, 3),
-            (128, 128, 8, 3),
-            (32, 128, 4, 4),
-            (256, 64, 8, 3),
-        )
+        triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, v, k, w, s in _FORWARD_TILES.get(max(block_d, 8), _FORWARD_TILES["wide"])
     ]
 
 
+def _all_forward_configs() -> list:
+    unique = {}
+    for block_d in (8, 16, 32, 64, 128, 256):
+        for config in forward_configs(block_d):
+            unique.setdefault(str(config), config)
+    return list(unique.values())
+
+
+def prune_forward_configs(configs, named_args, **kwargs) -> list:
+    """The autotuner's candidates for this call: the tile shapes of its width; only the default one
+    while a CUDA graph is being captured, where benchmarking (synchronizing, allocating) is illegal.
+    Run warmup(...) (backends/triton.py) before capturing to tune instead."""
+    candidates = forward_configs(kwargs["BLOCK_D"])
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return candidates[:1]
+    return candidates
+
+
 def rows_per_program(block_d: int) -> int:
-    """Rows (or codes) per program of the memory-bound backward kernels: each holds a few
+    """Rows (or codes, or chunks) per program of the memory-bound kernels: each holds a few
     (rows x block_d) tiles in registers, so wide groups take fewer rows (no spills at d = 256)."""
     if INTERPRETED:
         return 1024
     return max(4, min(256, 2048 // block_d))
 
 
-@triton.autotune(configs=_forward_configs(), key=["V", "D", "L2", "WRITE_OUTPUTS"])
+@triton.jit
+def gsq_normalize_rows_kernel(
+    z_ptr,  # (M, D), any float dtype
+    n_ptr,  # (M, D) float32 out: n, zeros for rows holding NaN/inf
+    row_denom_ptr,  # (M,) float32 out: max(||z||, eps) (1 with l2 off), NaN for rows holding NaN/inf
+    M,
+    eps,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    L2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    dims = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (dims < D)[None, :]
+    offsets = rows[:, None] * D + dims[None, :]
+    z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    finite = tl.sum(z * 0.0, axis=1) == 0.0  # no NaN/inf in the row
+    if L2:
+        denom = tl.maximum(tl.sqrt_rn(tl.sum(z * z, axis=1)), eps)
+        n = tl.div_rn(z, denom[:, None])
+    else:
+        denom = tl.full([BLOCK_M], 1.0, tl.float32)
+        n = z
+    tl.store(n_ptr + offsets, tl.where(finite[:, None], n, 0.0), mask=mask)
+    tl.store(row_denom_ptr + rows, tl.where(finite, denom, float("nan")), mask=row_ok)
+
+
+@triton.jit
+def _score_tile(
+    n_ptr,
+    codes_t_ptr,
+    bias_ptr,
+    rows,
+    row_ok,
+    codes,
+    code_ok,
+    V,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """scores[r, j] = sum_k n[r, k] code[k, j] (FMAs in k order from 0) + bias[j]; -inf off the codebook."""
+    scores = tl.zeros([rows.shape[0], codes.shape[0]], dtype=tl.float32)
+    for k0 in range(0, BLOCK_D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        n_chunk = tl.load(n_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        c_chunk = tl.load(
+            codes_t_ptr + ks.to(tl.int64)[:, None] * V + codes[None, :],
+            mask=k_ok[:, None] & code_ok[None, :],
+            other=0.0,
+        )
+        scores = tl.dot(n_chunk, c_chunk, scores, input_precision="ieee")
+    bias = tl.load(bias_ptr + codes, mask=code_ok, other=float("-inf"))
+    return scores + bias[None, :]
+
+
+@triton.jit
+def _write_outputs(
+    z_ptr,
+    codebook_ptr,
+    quantized_ptr,
+    loss_rows_ptr,
+    rows,
+    row_ok,
+    best_idx,
+    row_denom,
+    loss_scale,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    L2: tl.constexpr,
+):
+    """quantized = c_idx (raw row); loss_row = (1 + beta) ||c_idx - n||^2 with n recomputed from the
+    raw row (the same bits as the workspace's) so that a NaN/inf row keeps a NaN/inf loss."""
+    loss = tl.zeros([rows.shape[0]], dtype=tl.float32)
+    for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (ks < D)[None, :]
+        code = tl.load(codebook_ptr + best_idx.to(tl.int64)[:, None] * D + ks[None, :], mask=mask, other=0.0)
+        tl.store(quantized_ptr + rows[:, None] * D + ks[None, :], code.to(quantized_ptr.dtype.element_ty), mask=mask)
+        n = tl.load(z_ptr + rows[:, None] * D + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        if L2:
+            n = tl.div_rn(n, row_denom[:, None])
+        diff = code - n
+        loss += tl.sum(diff * diff, axis=1)
+    tl.store(loss_rows_ptr + rows, loss_scale * loss, mask=row_ok)
+
+
+@triton.autotune(
+    configs=_all_forward_configs(),
+    key=["ROWS_BUCKET", "V", "D", "L2", "WRITE_OUTPUTS", "WITH_GAP"],
+    prune_configs_by={"early_config_prune": prune_forward_configs},
+)
 @triton.jit
 def gsq_forward_kernel(
-    z_ptr,  # (M, D), any float dtype
+    z_ptr,  # (M, D), any float dtype: the raw rows (for the loss)
+    n_ptr,  # (M, D) float32: the rows as scored (gsq_normalize_rows_kernel)
+    row_denom_ptr,  # (M,) float32: max(||z||, eps), NaN for rows holding NaN/inf
     codes_t_ptr,  # (D, V) float32, pre-processed codes, transposed
     bias_ptr,  # (V,) float32
     codebook_ptr,  # (V, D) float32, raw rows (the forward value)
-    quantized_ptr,  # (M, D), z's dtype
+    quantized_ptr,  # (M, D), z's dtype (WRITE_OUTPUTS)
     indices_ptr,  # (M,) int64
-    loss_rows_ptr,  # (M,) float32
+    loss_rows_ptr,  # (M,) float32 (WRITE_OUTPUTS)
+    gap_ptr,  # (M,) float32 (WITH_GAP)
     M,
     V,
-    eps,
+    ROWS_BUCKET,  # next power of two >= M, capped: only part of the autotune key
     loss_scale,  # 1 + beta
     D: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # next power of two >= D (>= 16 on the tl.dot path)
-    BLOCK_K: tl.constexpr,  # chunk of D held at once (D can be 256: a whole row tile would spill)
-    USE_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= max(D, 8): tl.dot on float32 takes K >= 8
     L2: tl.constexpr,
     WRITE_OUTPUTS: tl.constexpr,  # False: indices only (nearest_code)
+    WITH_GAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # chunk of D per tl.dot (fewer live operand registers than all of D)
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-
-    # Row statistics, chunk by chunk. A row holding NaN/inf scores NaN against every code; such rows
-    # are scored as zeros (no NaN reaches the reductions) and given index 0, as in the other
-    # backends. Their loss stays NaN.
-    sum_squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    finite = row_ok | True
-    for k0 in range(0, BLOCK_D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        chunk = tl.load(z_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & (ks < D)[None, :],
-                        other=0.0).to(tl.float32)
-        sum_squares += tl.sum(chunk * chunk, axis=1)
-        finite = finite & (tl.sum(chunk * 0.0, axis=1) == 0.0)
-    if L2:
-        norm = tl.sqrt(sum_squares)
-        denom = tl.maximum(tl.where(finite, norm, 0.0), eps)
-    else:
-        denom = tl.full([BLOCK_M], 1.0, tl.float32)
+    row_denom = tl.load(row_denom_ptr + rows, mask=row_ok, other=1.0)
+    finite = row_denom == row_denom
 
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    second = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
     for v0 in range(0, V, BLOCK_V):
         codes = v0 + tl.arange(0, BLOCK_V)
-        code_ok = codes < V
-        bias = tl.load(bias_ptr + codes, mask=code_ok, other=float("-inf"))
-        scores = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-        if USE_DOT:
-            for k0 in range(0, BLOCK_D, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < D
-                z_chunk = tl.load(z_ptr + rows[:, None] * D + ks[None, :],
-                                  mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                n_chunk = tl.where(finite[:, None], z_chunk, 0.0) / denom[:, None]
-                c_chunk = tl.load(codes_t_ptr + ks[:, None] * V + codes[None, :],
-                                  mask=k_ok[:, None] & code_ok[None, :], other=0.0)
-                scores += tl.dot(n_chunk, c_chunk, input_precision="ieee")
-        else:
-            for k in tl.static_range(D):
-                z_k = tl.load(z_ptr + rows * D + k, mask=row_ok, other=0.0).to(tl.float32)
-                n_k = tl.where(finite, z_k, 0.0) / denom
-                c_k = tl.load(codes_t_ptr + k * V + codes, mask=code_ok, other=0.0)
-                scores += n_k[:, None] * c_k[None, :]
-        scores = scores + bias[None, :]
+        scores = _score_tile(n_ptr, codes_t_ptr, bias_ptr, rows, row_ok, codes, codes < V, V, D, BLOCK_D, BLOCK_K)
         tile_best, tile_arg = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best > best
+        if WITH_GAP:
+            second = tl.maximum(second, tl.minimum(tile_best, best))
+            if tl.max(better.to(tl.int32), axis=0) > 0:  # the tile's runner-up matters only to a new best
+                masked = tl.where(tl.arange(0, BLOCK_V)[None, :] == tile_arg[:, None], float("-inf"), scores)
+                second = tl.where(better, tl.maximum(second, tl.max(masked, axis=1)), second)
         best = tl.where(better, tile_best, best)
         best_idx = tl.where(better, v0 + tile_arg, best_idx)
 
     best_idx = tl.where(finite, best_idx, 0)
     tl.store(indices_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
+    if WITH_GAP:
+        # best == second: a tie, also where every score overflowed to -inf alike (-inf - -inf is NaN).
+        gap = tl.where(best == second, 0.0, best - second)
+        tl.store(gap_ptr + rows, tl.where(finite & (V > 1), gap, float("inf")), mask=row_ok)
     if WRITE_OUTPUTS:
-        # The loss uses the raw row (NaN stays NaN): n = z / max(||z||, eps).
-        if L2:
-            raw_denom = tl.maximum(tl.sqrt(sum_squares), eps)
-        else:
-            raw_denom = tl.full([BLOCK_M], 1.0, tl.float32)
-        loss = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, BLOCK_D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (ks < D)[None, :]
-            code = tl.load(codebook_ptr + best_idx.to(tl.int64)[:, None] * D + ks[None, :], mask=mask, other=0.0)
-            tl.store(quantized_ptr + rows[:, None] * D + ks[None, :], code.to(quantized_ptr.dtype.element_ty),
-                     mask=mask)
-            z_chunk = tl.load(z_ptr + rows[:, None] * D + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-            diff = code - z_chunk / raw_denom[:, None]
-            loss += tl.sum(diff * diff, axis=1)
-        tl.store(loss_rows_ptr + rows, loss_scale * loss, mask=row_ok)
+        _write_outputs(
+            z_ptr,
+            codebook_ptr,
+            quantized_ptr,
+            loss_rows_ptr,
+            rows,
+            row_ok,
+            best_idx,
+            row_denom,
+            loss_scale,
+            D,
+            BLOCK_D,
+            BLOCK_K,
+            L2,
+        )
 
 
 @triton.jit
@@ -183,18 +315,17 @@ def gsq_backward_z_kernel(
     L2: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dims = tl.arange(0, BLOCK_D)
     mask = row_ok[:, None] & (dims < D)[None, :]
     offsets = rows[:, None] * D + dims[None, :]
 
     z = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    norm = tl.sqrt(tl.sum(z * z, axis=1))
+    norm = tl.sqrt_rn(tl.sum(z * z, axis=1))
     denom = tl.maximum(norm, eps)
     if L2:
-        n = z / denom[:, None]
+        n = tl.div_rn(z, denom[:, None])
     else:
         n = z
     idx = tl.load(indices_ptr + rows, mask=row_ok, other=0)
@@ -204,46 +335,79 @@ def gsq_backward_z_kernel(
     grad_n = g + (2.0 * beta * w)[:, None] * (n - code)
     if L2:
         projection = tl.sum(n * grad_n, axis=1)
-        through_sphere = (grad_n - n * projection[:, None]) / denom[:, None]
-        grad_z = tl.where((norm < eps)[:, None], grad_n / eps, through_sphere)
+        through_sphere = tl.div_rn(grad_n - n * projection[:, None], denom[:, None])
+        grad_z = tl.where((norm < eps)[:, None], tl.div_rn(grad_n, eps), through_sphere)
     else:
         grad_z = grad_n
     tl.store(grad_z_ptr + offsets, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def gsq_codebook_grad_kernel(
+def gsq_codebook_grad_chunks_kernel(
     z_ptr,  # (M, D)
     grad_loss_rows_ptr,  # (M,) float32
     codebook_ptr,  # (V, D) float32
     rows_by_code_ptr,  # (M,) int64: row ids sorted by code, increasing within a code
     bucket_start_ptr,  # (V + 1,) int64: code j's rows are rows_by_code[start[j]:start[j + 1]]
-    grad_codebook_ptr,  # (V, D) float32
+    chunk_start_ptr,  # (V + 1,) int64: code j's chunks are chunk ids chunk_start[j]:chunk_start[j + 1]
+    chunk_code_ptr,  # (NUM_CHUNKS,) int64: the code of each chunk id; V past the last chunk
+    partial_ptr,  # (NUM_CHUNKS, D) float32 out: per chunk, sum of 2 w_i (c_j - n_i) over its rows in order
+    NUM_CHUNKS,
     V,
     eps,
+    CHUNK: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     L2: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    codes = (pid * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    code_ok = codes < V
+    chunk = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    code = tl.load(chunk_code_ptr + chunk, mask=chunk < NUM_CHUNKS, other=V)
+    chunk_ok = code < V
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    code_mask = code_ok[:, None] & dim_ok[None, :]
-    start = tl.load(bucket_start_ptr + codes, mask=code_ok, other=0)
-    count = tl.load(bucket_start_ptr + codes + 1, mask=code_ok, other=0) - start
-    code = tl.load(codebook_ptr + codes[:, None] * D + dims[None, :], mask=code_mask, other=0.0)
+    code_mask = chunk_ok[:, None] & dim_ok[None, :]
+    first = (
+        tl.load(bucket_start_ptr + code, mask=chunk_ok, other=0)
+        + (chunk - tl.load(chunk_start_ptr + code, mask=chunk_ok, other=0)) * CHUNK
+    )
+    count = tl.minimum(tl.load(bucket_start_ptr + code + 1, mask=chunk_ok, other=0) - first, CHUNK)
+    count = tl.where(chunk_ok, count, 0)
+    c = tl.load(codebook_ptr + code[:, None] * D + dims[None, :], mask=code_mask, other=0.0)
 
-    grad = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    grad = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for step in range(0, tl.max(count, axis=0)):
         active = step < count
-        row = tl.load(rows_by_code_ptr + start + step, mask=active, other=0)
+        row = tl.load(rows_by_code_ptr + first + step, mask=active, other=0)
         row_mask = active[:, None] & dim_ok[None, :]
         z = tl.load(z_ptr + row[:, None] * D + dims[None, :], mask=row_mask, other=0.0).to(tl.float32)
         if L2:
-            z = z / tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), eps)[:, None]
+            z = tl.div_rn(z, tl.maximum(tl.sqrt_rn(tl.sum(z * z, axis=1)), eps)[:, None])
         w = tl.load(grad_loss_rows_ptr + row, mask=active, other=0.0)
-        grad += tl.where(row_mask, (2.0 * w)[:, None] * (code - z), 0.0)
+        grad += tl.where(row_mask, (2.0 * w)[:, None] * (c - z), 0.0)
+    tl.store(partial_ptr + chunk[:, None] * D + dims[None, :], grad, mask=code_mask)
+
+
+@triton.jit
+def gsq_codebook_grad_combine_kernel(
+    partial_ptr,  # (NUM_CHUNKS, D) float32: the chunk sums
+    chunk_start_ptr,  # (V + 1,) int64
+    grad_codebook_ptr,  # (V, D) float32 out: per code, its chunk sums added in chunk order
+    V,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    codes = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    code_ok = codes < V
+    dims = tl.arange(0, BLOCK_D)
+    code_mask = code_ok[:, None] & (dims < D)[None, :]
+    first = tl.load(chunk_start_ptr + codes, mask=code_ok, other=0)
+    count = tl.load(chunk_start_ptr + codes + 1, mask=code_ok, other=0) - first
+    grad = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    for step in range(0, tl.max(count, axis=0)):
+        active = step < count
+        grad += tl.load(
+            partial_ptr + (first + step)[:, None] * D + dims[None, :], mask=active[:, None] & code_mask, other=0.0
+        )
     tl.store(grad_codebook_ptr + codes[:, None] * D + dims[None, :], grad, mask=code_mask)

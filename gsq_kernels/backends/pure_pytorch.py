@@ -1,4 +1,5 @@
-"""The pure-PyTorch reference as a backend (any device; forms the full similarity matrix)."""
+"""The backend named "reference": gsq_kernels/reference.py, the pure-PyTorch oracle, on any device
+(it forms the full similarity matrix)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ BACKEND = Backend(
     name="reference",
     device_types=("cpu", "cuda", "mps", "xpu"),
     available=True,
-    reason="pure PyTorch (forms the M x V similarity matrix)",
+    status="pure PyTorch (forms the M x V similarity matrix)",
     how_to_get="always available",
     quantize=reference.quantize,
     nearest_code=reference.nearest_code,
+    nearest_code_with_gap=reference.nearest_code_with_gap,
 )

@@ -1,0 +1,204 @@
+"""lookup="exact": every backend returns the float64 oracle's index, row for row, with no tolerance.
+
+The oracle (gsq_kernels.lookup.nearest_code_float64) ranks ||n - c^_j||^2 computed in float64 from
+the fp32 vectors, first minimum = lowest index. lookup="dot" keeps the fp32 dot product.
+"""
+
+import math
+
+import pytest
+import torch
+
+import gsq_kernels
+from gsq_kernels import lookup, nearest_code_indices, reference, spherical_init
+from gsq_kernels.lookup import lookup_vectors, nearest_code_float64, sorted_search
+from parity import triton_interpreted
+
+BACKENDS = [b for b in gsq_kernels.available_backends("cpu")]
+
+
+def _oracle(z: torch.Tensor, codebook: torch.Tensor, l2_normalize: bool, eps: float = 1e-12) -> torch.Tensor:
+    vectors, codes = lookup_vectors(z, codebook, eps, l2_normalize)
+    return nearest_code_float64(vectors, codes)
+
+
+def _exact(z, codebook, backend, l2_normalize=True, lookup_mode="exact"):
+    out = nearest_code_indices(z, codebook, 1, backend=backend, l2_normalize=l2_normalize, lookup=lookup_mode)
+    return out.reshape(-1)
+
+
+def _skip_interpreter_dtype(backend, dtype):
+    if backend == "triton" and triton_interpreted() and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic is wrong in Triton's CPU interpreter")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("l2_normalize", [True, False])
+@pytest.mark.parametrize("d, num_codes", [(1, 37), (2, 4099), (3, 2000), (4, 3001), (8, 1025), (16, 517), (64, 300)])
+def test_random_rows_match_the_oracle(backend, l2_normalize, d, num_codes):
+    codebook = spherical_init(num_codes, d) if l2_normalize else torch.randn(num_codes, d)
+    z = torch.randn(1537, d)
+    expected = _oracle(z, codebook, l2_normalize)
+    assert torch.equal(_exact(z, codebook, backend, l2_normalize), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_headline_setting_d2_v262144(backend):
+    """F16-D16-G8-V256k: the fp32 dot product ties ~8 codes per row there; exact must not."""
+    codebook = spherical_init(262_144, 2)
+    z = torch.randn(600, 2)
+    expected = _oracle(z, codebook, True)
+    assert torch.equal(_exact(z, codebook, backend), expected)
+    # The dot product misses most of these rows: the difference exact makes is real.
+    dot = _exact(z, codebook, backend, lookup_mode="dot")
+    assert (dot != expected).float().mean() > 0.5
+
+
+def _one_ulp_case(l2_normalize: bool, nearer_first: bool):
+    """Two codes whose fp32 scores tie for the row but whose exact distances differ by ~1e-16."""
+    delta = 2.0**-40
+    row = torch.tensor([[1.0, 1e-4, 0.0, 0.0]])
+    far, near = [1.0, 0.0, 0.0, 0.0], [1.0, delta, 0.0, 0.0]
+    codes = [near, far] if nearer_first else [far, near]
+    codebook = torch.tensor(codes + [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]])
+    return row, codebook, (0 if nearer_first else 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("l2_normalize", [True, False])
+@pytest.mark.parametrize("nearer_first", [True, False])
+def test_codes_one_ulp_apart(backend, l2_normalize, nearer_first):
+    row, codebook, nearest = _one_ulp_case(l2_normalize, nearer_first)
+    assert int(_oracle(row, codebook, l2_normalize)) == nearest
+    assert int(_exact(row, codebook, backend, l2_normalize)) == nearest
+    # The fp32 scores tie, so the dot product takes the lower index whichever is nearer.
+    assert int(_exact(row, codebook, backend, l2_normalize, "dot")) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d, l2_normalize", [(1, False), (2, True), (2, False), (4, True)])
+def test_duplicate_codes_take_the_lowest_index(backend, d, l2_normalize):
+    codebook = torch.randn(64, d)
+    codebook[40] = codebook[7]
+    codebook[9] = codebook[7]
+    scale = torch.tensor([[1.0], [2.0], [0.5], [3.0], [1.5]]) if l2_normalize else torch.ones(5, 1)
+    z = codebook[7:8].repeat(5, 1) * scale
+    assert _exact(z, codebook, backend, l2_normalize).tolist() == [7] * 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [1, 2, 3, 8])
+def test_zero_and_non_finite_rows(backend, d):
+    """A zero row's distances are ||c^_j||^2: the oracle's pick, not blindly code 0. A row holding
+    NaN/inf takes index 0 (check_finite=False)."""
+    codebook = spherical_init(300, d)
+    z = torch.randn(6, d)
+    z[1] = 0
+    z[3, 0] = float("nan")
+    z[4, -1] = float("inf")
+    got = nearest_code_indices(z, codebook, 1, backend=backend, check_finite=False).reshape(-1)
+    expected = _oracle(z, codebook, True)
+    expected[3] = expected[4] = 0
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lookup_dot_is_the_fp32_dot_product(backend):
+    """lookup="dot" keeps the previous behaviour: the argmax of the fp32 scores, lowest index on ties,
+    written here independently of the library (the expanded l2-off form included)."""
+    codebook = spherical_init(500, 4)
+    z = torch.randn(700, 4)
+    normalized = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    codes = codebook / codebook.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    expected_cos = (normalized @ codes.T).argmax(dim=1)
+    expected_l2_off = ((codebook * codebook).sum(-1) - 2 * (z @ codebook.T)).argmin(dim=1)
+    got_cos = _exact(z, codebook, backend, True, "dot")
+    got_l2_off = _exact(z, codebook, backend, False, "dot")
+    if backend == "reference":
+        assert torch.equal(got_cos, expected_cos) and torch.equal(got_l2_off, expected_l2_off)
+    else:  # another summation order may flip rows whose fp32 scores are within rounding
+        assert (got_cos != expected_cos).sum() <= 2 and (got_l2_off != expected_l2_off).sum() <= 2
+
+
+@pytest.mark.parametrize("d", [3, 4, 16, 64])
+@pytest.mark.parametrize("l2_normalize", [True, False])
+def test_scan_error_bound_covers_the_fp32_scores(d, l2_normalize):
+    """The refinement trusts a scan whose gap exceeds the bound; the bound must be at least twice
+    the worst error of fp32 scores against float64 ones (with l2 on, plus the norm spread)."""
+    codebook = spherical_init(400, d) if l2_normalize else torch.randn(400, d) * 3
+    z = torch.randn(300, d) * (1 if l2_normalize else 5)
+    fp32 = reference.scores(z, codebook, 1e-12, l2_normalize).double()
+    vectors, codes = lookup_vectors(z, codebook, 1e-12, l2_normalize)
+    v64, c64 = vectors.double(), codes.double()
+    exact = v64 @ c64.T - (0.0 if l2_normalize else (c64 * c64).sum(-1) / 2)
+    worst = (fp32 - exact).abs().max(dim=1).values
+    bound = lookup.scan_error_bound(vectors, codes, l2_normalize)
+    assert (bound >= 2 * worst).all()
+    # ... and tight enough to leave almost every row to the scan
+    assert (bound < 1e-4 * exact.abs().max(dim=1).values.clamp_min(1)).all()
+
+
+def test_refinement_redecides_only_ambiguous_rows():
+    codebook = spherical_init(256, 4)
+    z = torch.randn(50, 4)
+    truth = _oracle(z, codebook, True)
+    wrong = (truth + 1) % 256
+    small_gap = torch.zeros(50)
+    large_gap = torch.ones(50)
+    vectors, codes = lookup_vectors(z, codebook, 1e-12, True)
+    fixed = lookup.refine_ambiguous_rows(vectors, codes, True, wrong, small_gap)
+    kept = lookup.refine_ambiguous_rows(vectors, codes, True, wrong, large_gap)
+    assert torch.equal(fixed, truth) and torch.equal(kept, wrong)
+
+
+@pytest.mark.parametrize("case", ["clustered", "short_codes", "wraparound", "tiny_rows", "few_codes"])
+def test_sorted_search_hard_codebooks(case):
+    torch.manual_seed(1)
+    if case == "clustered":  # many codes within 1e-6 rad: windows cannot prove their winner
+        angles = torch.cat([torch.randn(3000) * 1e-6, torch.rand(200) * 2 * math.pi])
+        codebook = torch.stack([angles.cos(), angles.sin()], 1)
+        z = torch.stack([torch.randn(500) * 1e-6, torch.zeros(500)], 1) + torch.tensor([1.0, 0.0])
+        z = torch.cat([z, torch.randn(500, 2)])
+    elif case == "short_codes":  # zero and near-zero codes (eps-clamped) next to unit ones
+        codebook = spherical_init(1000, 2)
+        codebook[[5, 17, 900]] = torch.tensor([[0.0, 0.0], [1e-13, 0.0], [0.0, 3e-13]])
+        z = torch.randn(2000, 2)
+        z[:3] = 0
+    elif case == "wraparound":  # codes and rows around angle +-pi
+        angles = math.pi - torch.rand(500) * 1e-3 * torch.tensor([1.0, -1.0]).repeat(250)
+        codebook = torch.stack([angles.cos(), angles.sin()], 1)
+        row_angles = math.pi + (torch.rand(1000) - 0.5) * 2e-3
+        z = torch.stack([row_angles.cos(), row_angles.sin()], 1)
+    elif case == "tiny_rows":  # rows shorter than eps: |n| < 1
+        codebook = spherical_init(4000, 2)
+        z = torch.randn(500, 2) * 1e-13
+    else:
+        codebook = spherical_init(3, 2)
+        z = torch.randn(500, 2)
+    vectors, codes = lookup_vectors(z, codebook, 1e-12, True)
+    assert torch.equal(sorted_search(vectors, codes), nearest_code_float64(vectors, codes))
+
+
+@pytest.mark.parametrize("num_codes", [1, 2, 3, 9, 10, 11, 1000])
+def test_sorted_search_d1(num_codes):
+    codebook = torch.randn(num_codes, 1)
+    codebook[num_codes // 2] = codebook[0]  # a duplicate value
+    z = torch.cat([torch.randn(800, 1) * 2, codebook[:5] + 0.0])  # rows on codes: exact ties of value
+    for l2_normalize in (True, False):
+        vectors, codes = lookup_vectors(z, codebook, 1e-12, l2_normalize)
+        assert torch.equal(sorted_search(vectors, codes), nearest_code_float64(vectors, codes))
+
+
+def test_oracle_is_memory_bounded():
+    """The float64 pass is chunked: (M x V) at once would be 8 GB here."""
+    codebook = spherical_init(1 << 20, 3)
+    z = torch.randn(3, 3)
+    assert nearest_code_float64(z, codebook).shape == (3,)
+
+
+def test_lookup_argument_is_checked():
+    codebook = spherical_init(8, 2)
+    with pytest.raises(ValueError, match="lookup must be 'exact'"):
+        nearest_code_indices(torch.randn(4, 2), codebook, 1, lookup="nearest")
+    with pytest.raises(ValueError, match="lookup must be 'exact'"):
+        gsq_kernels.GroupedSphericalQuantizer(4, 8, groups=2, lookup="cosine")

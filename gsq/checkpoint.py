@@ -49,6 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, RunConfig
+from .data import give_default_mode
 
 FORMAT_VERSION = 1
 FROZEN_PREFIXES = ("backbone.",)  # discriminator tensors that come from pretrained weights, not training
@@ -253,8 +254,10 @@ def _write_folder(
     (folder / "config.json").write_text(config.to_json() + "\n")
     for label, tensors in weights.items():
         save_file(tensors, str(folder / f"{label}.safetensors"))
+        give_default_mode(folder / f"{label}.safetensors")
     if training_tensors is not None:
         save_file(training_tensors, str(folder / "training_state.safetensors"))
+        give_default_mode(folder / "training_state.safetensors")
     files = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)} for path in sorted(folder.iterdir())}
     state = {**state, "files": files}
     state["checksum"] = _state_checksum(state)
@@ -405,6 +408,8 @@ def find_checkpoint(path: str | Path) -> Path:
             if not (folder / "state.json").is_file():
                 raise CheckpointError(f"{candidate / 'latest'} names {folder.name}, which is missing or incomplete")
             return folder
+    if (path / "config.json").is_file() or (path / "checkpoints").is_dir():  # a run folder, before its first save
+        raise CheckpointError(f"{path} has no checkpoint yet (train it first, or pass a checkpoint folder)")
     raise CheckpointError(f"{path} is not a checkpoint folder (no state.json), a run folder or a checkpoints folder")
 
 

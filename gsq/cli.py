@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import PRESETS, ConfigError, apply_overrides, leaf_keys, preset
+from .config import PRESETS, ConfigError, apply_overrides, key_table, preset
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("presets", nargs="*", help="presets to describe (default: all)")
-    parser.add_argument("--keys", action="store_true", help="list every config key instead")
+    parser.add_argument(
+        "--keys",
+        action="store_true",
+        help="list every config key instead: key, type and value in the first PRESET (default: tiny)",
+    )
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -101,7 +105,10 @@ def _info(args: argparse.Namespace) -> int:
     from .models import GSQTokenizer, count_parameters
 
     if args.keys:
-        print("\n".join(leaf_keys()))
+        rows = key_table(preset(args.presets[0] if args.presets else "tiny"))
+        widths = [max(len(row[column]) for row in rows) for column in (0, 1)]
+        for key, kind, value in rows:
+            print(f"{key:{widths[0]}}  {kind:{widths[1]}}  {value}")
         return 0
     for name in args.presets or list(PRESETS):
         config = preset(name)
@@ -187,8 +194,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inception-weights",
         default="",
-        help="InceptionV3 file (torch-fidelity "
-        "pt_inception-2015-12-05-6726825d.pth); else $GSQ_INCEPTION_WEIGHTS; else the hub",
+        help="InceptionV3 file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); else "
+        "$GSQ_INCEPTION_WEIGHTS; else the hub",
     )
     parser.add_argument(
         "--alexnet-weights",
@@ -196,13 +203,18 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="torchvision AlexNet file for LPIPS; else $GSQ_ALEXNET_WEIGHTS; else the hub",
     )
     parser.add_argument("--output", default="", help="report folder (default: <run>/eval/<checkpoint>)")
-    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader workers (default: 4, or the CPU cores this process may use if fewer)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report.json / grid.png")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, evaluate_checkpoint
+    from .evaluate import EvalConfig, default_workers, evaluate_checkpoint
     from .extras import require_for_evaluation
 
     require_for_evaluation()
@@ -219,7 +231,7 @@ def _eval(args: argparse.Namespace) -> int:
             inception_weights=args.inception_weights,
             alexnet_weights=args.alexnet_weights,
             output=args.output,
-            num_workers=args.num_workers,
+            num_workers=default_workers() if args.num_workers is None else args.num_workers,
             progress=not args.no_progress,
             overwrite=args.overwrite,
         )

@@ -237,6 +237,19 @@ def leaf_keys(cls=RunConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def key_table(config: RunConfig) -> list[tuple[str, str, str]]:
+    """(key, type, value in `config` as JSON) of every overridable key, e.g. ('train.steps', 'int', '3000')."""
+    rows = []
+    for key in leaf_keys():
+        *sections, name = key.split(".")
+        owner = config
+        for section in sections:
+            owner = getattr(owner, section)
+        hint, value = typing.get_type_hints(type(owner))[name], getattr(owner, name)
+        rows.append((key, hint.__name__ if isinstance(hint, type) else str(hint), json.dumps(value)))
+    return rows
+
+
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 

@@ -347,6 +347,14 @@ def refuse_existing(paths: list[Path], overwrite: bool) -> None:
                 raise OutputExistsError.at(path)
 
 
+def give_default_mode(path: Path) -> None:
+    """Give a file the mode open() would: 0o666 less the umask. Files made by tempfile.mkstemp or by
+    safetensors' save_file are 0600, unreadable to the group and others unlike every other output."""
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it: put it back at once
+    path.chmod(0o666 & ~umask)
+
+
 def write_new(path: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     """Create `path` through write(temporary path in the same folder), moved into place at once: a
     reader never sees half a file, and without `overwrite` an existing file (even one made meanwhile)
@@ -357,6 +365,7 @@ def write_new(path: Path, write: Callable[[Path], None], overwrite: bool) -> Pat
     temporary = Path(name)
     try:
         write(temporary)
+        give_default_mode(temporary)
         if overwrite:
             os.replace(temporary, path)
             return path

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +67,16 @@ GRID_IMAGES = 8  # originals (top row) and reconstructions in grid.png
 PROTOCOL_RESIZE_RATIO = 292 / 256  # docs/spec.md, section "Evaluation": short side 292, center crop 256
 
 
+def default_workers(most: int = 4) -> int:
+    """DataLoader workers: up to `most`, never more than the CPU cores this process may run on
+    (past that, torch warns and the workers only compete with the main process)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        cores = os.cpu_count() or 1
+    return max(1, min(most, cores))
+
+
 @dataclass
 class EvalConfig:
     checkpoint: str  # checkpoint folder, run folder or checkpoints folder (newest)
@@ -76,10 +87,10 @@ class EvalConfig:
     max_images: int = 0  # 0 = all
     weights: str = "ema"  # "ema" (the protocol) or "generator"
     device: str = "auto"
-    inception_weights: str = ""  # torch-fidelity pt_inception-2015-12-05 file; else $GSQ_INCEPTION_WEIGHTS; else hub
+    inception_weights: str = ""  # torch-fidelity's weights-inception-2015-12-05 file, $GSQ_INCEPTION_WEIGHTS or hub
     alexnet_weights: str = ""  # torchvision AlexNet file; else $GSQ_ALEXNET_WEIGHTS; else hub
     output: str = ""  # report folder; "" = <run>/eval/<checkpoint name>
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_workers)
     progress: bool = True
     overwrite: bool = False  # replace an existing report.json / grid.png
 

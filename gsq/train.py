@@ -156,6 +156,27 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # Run folder, logs, stop requests
 
 
+def time_to_stop(steps_done: int, steps_left: int, elapsed_s: float, max_minutes: float) -> tuple[float, str]:
+    """(seconds, which stop) until the run ends: the steps left at the rate so far, or the
+    train.max_minutes limit if that comes first (a time-capped run must not show the steps' ETA)."""
+    by_steps = steps_left * elapsed_s / steps_done if steps_done else math.inf
+    if max_minutes:
+        by_time = max(0.0, max_minutes * 60 - elapsed_s)
+        if by_time < by_steps:
+            return by_time, "time limit"
+    return by_steps, "steps"
+
+
+PROGRESS_LOSSES = {  # bar label -> loss name
+    "rec": "reconstruction",
+    "lpips": "perceptual",
+    "q": "quantizer",
+    "adv": "adversarial",
+    "disc": "discriminator",
+}
+PROGRESS_EVERY_S = 1.0  # reading the latest losses syncs with the GPU: at most this often
+
+
 def resolve_run_dir(config: RunConfig, resume_folder: Path | None) -> Path:
     """The run folder: the resumed checkpoint's run, else runs/<name>. Without an explicit
     train.name, an existing runs/<preset> gets a numbered sibling instead of being overwritten."""
@@ -351,7 +372,7 @@ class Trainer:
             self.run_dir, self.processes.main, self.start_step if self.resume_folder is not None else None
         )
         self.validated: dict = {}  # step -> metrics of the validations run
-        self.bar = None
+        self.bar, self.bar_shown_at, self.bar_usage = None, -math.inf, None  # usage: of the last log line
         if self.processes.main:
             self._announce()
 
@@ -377,6 +398,13 @@ class Trainer:
         )
         self.start_step = int(self.resume_state["step"]) if self.resume_state else 0
         if processes.main:
+            taken = Path(config.train.run_dir) / config.run_name
+            if resume is None and self.run_dir != taken:  # resolve_run_dir numbered it: say where it goes
+                print(
+                    f"gsq train: {taken} holds a run already (continue it with --resume {taken}); "
+                    f"this run writes to {self.run_dir}",
+                    flush=True,
+                )
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(config.to_json() + "\n")
 
@@ -519,6 +547,8 @@ class Trainer:
                 unit="step",
                 dynamic_ncols=True,
                 mininterval=1.0,
+                # tqdm's own remaining time counts steps only; the postfix carries time_to_stop's
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
             )
         self.started = self.running.started = time.perf_counter()
         step, stop_reason = self.start_step, "finished"
@@ -642,6 +672,7 @@ class Trainer:
         if step % schedule.log_every == 0 or step == schedule.steps:
             self.log(step)
         if self.bar is not None:
+            self.show_progress(step, losses)  # first: update() then draws it
             self.bar.update(1)
         if step % schedule.eval_every == 0:
             self.evaluate(step)
@@ -652,6 +683,23 @@ class Trainer:
             self.last_saved = step
 
     # -- logs, validation, grids, checkpoints ------------------------------------------------------
+
+    def show_progress(self, step: int, losses: dict) -> None:
+        """The bar's postfix: time to whichever stop comes first and this step's losses, from the first
+        step on (the log lines average over train.log_every steps); at most every PROGRESS_EVERY_S."""
+        now = time.perf_counter()
+        if now - self.bar_shown_at < PROGRESS_EVERY_S and step < self.config.train.steps:
+            return
+        self.bar_shown_at = now
+        schedule = self.config.train
+        seconds, which = time_to_stop(
+            step - self.start_step, schedule.steps - step, now - self.started, schedule.max_minutes
+        )
+        shown = [f"eta {self.bar.format_interval(seconds) if math.isfinite(seconds) else '?'} ({which})"]
+        shown += [f"{label}={float(losses[key]):.4f}" for label, key in PROGRESS_LOSSES.items() if key in losses]
+        if self.bar_usage is not None:
+            shown.append(f"usage={self.bar_usage:.0f}%")
+        self.bar.set_postfix_str(", ".join(shown), refresh=False)
 
     def log(self, step: int) -> None:
         """The mean losses since the last log line, training codebook usage and speed (every rank
@@ -674,19 +722,7 @@ class Trainer:
                 f"checkpoint is in {self.run_dir / 'checkpoints'}"
             )
         self.log_file.write(step, "train", entry)
-        if self.bar is not None:
-            shown = {
-                "rec": "reconstruction",
-                "lpips": "perceptual",
-                "q": "quantizer",
-                "adv": "adversarial",
-                "disc": "discriminator",
-            }
-            self.bar.set_postfix(
-                {label: f"{entry[key]:.4f}" for label, key in shown.items() if key in entry}
-                | {"usage": f"{entry['train_usage_percent']:.0f}%"},
-                refresh=False,
-            )
+        self.bar_usage = entry["train_usage_percent"]
         self.train_usage.reset()
         running.reset(now)
 

@@ -155,7 +155,7 @@ class GroupedSphericalQuantizer(nn.Module):
         return counts
 
     def codebook_usage(self) -> float:
-        """Percent of the V codes chosen at least once since the last reset (all ranks)."""
+        """Percent (0-100, not a fraction) of the V codes chosen at least once since the last reset (all ranks)."""
         return usage_percent(self.usage_histogram())
 
     def perplexity(self) -> float:

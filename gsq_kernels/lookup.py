@@ -119,12 +119,16 @@ def scan_error_bound(vectors: Tensor, codes: Tensor, l2_normalize: bool) -> Tens
     """
     unit = torch.finfo(vectors.dtype).eps / 2
     d = vectors.shape[1]
-    code_norms_sq = codes.double().square().sum(-1)
-    max_norm_sq = float(code_norms_sq.max())
+    # Squared norms in the codes' precision (one pass, no float64 copy of the codebook), widened by
+    # their own rounding (d u relative) so that max and min still bound the exact values.
+    code_norms_sq = codes.square().sum(-1)
+    widen = d * unit * (1 + 1e-3)
+    max_norm_sq = float(code_norms_sq.max()) * (1 + widen)
+    min_norm_sq = float(code_norms_sq.min()) * (1 - widen)
     row_norms = torch.linalg.vector_norm(vectors.double(), dim=-1)
     if l2_normalize:
         error = (d + 8) * unit * row_norms * math.sqrt(max_norm_sq)
-        spread = (max_norm_sq - float(code_norms_sq.min())) / 2
+        spread = (max_norm_sq - min_norm_sq) / 2
     else:
         error = (2 * d + 4) * unit * (row_norms * math.sqrt(max_norm_sq) + max_norm_sq / 2)
         spread = 0.0

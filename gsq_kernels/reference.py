@@ -46,7 +46,11 @@ def nearest_code_with_gap(z: Tensor, codebook: Tensor, eps: float = 1e-12, l2_no
         similarity = scores(z, codebook.to(dtype), eps, l2_normalize)
         indices = similarity.argmax(dim=-1)  # the first maximum: the lowest index
         best = similarity.gather(1, indices[:, None]).squeeze(1)
-        second = similarity.scatter(1, indices[:, None], -math.inf).amax(dim=-1)  # -inf when V = 1
+        # The two largest values (equal on a tie), without a second M x V matrix; -inf when V = 1.
+        if similarity.shape[1] > 1:
+            second = similarity.topk(2, dim=-1).values[:, 1]
+        else:
+            second = torch.full_like(best, -math.inf)
         finite = torch.isfinite(z).all(dim=-1)
         gap = torch.where(finite, best - second, math.inf)
         return torch.where(finite, indices, 0), gap

@@ -42,4 +42,10 @@ TORCH_LIBRARY(gsq, m) {
       "nearest_code_with_gap(Tensor z, Tensor codebook, float eps, bool l2_normalize) "
       "-> (Tensor indices, Tensor gap)",
       {at::Tag::pt2_compliant_tag});
+  // quantize_forward and the gap of nearest_code_with_gap in one pass: the exact lookup's forward,
+  // which re-decides only the rows whose gap is within rounding error.
+  m.def(
+      "quantize_forward_with_gap(Tensor z, Tensor codebook, float beta, float eps, "
+      "bool l2_normalize) -> (Tensor quantized, Tensor indices, Tensor loss_rows, Tensor gap)",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -1,11 +1,14 @@
-"""lookup="exact" as torch.library custom ops, so torch.compile traces it as two opaque ops:
+"""lookup="exact" as torch.library custom ops, so torch.compile traces it as opaque ops:
 
-    gsq_kernels::nearest_code_exact   the exact nearest codes (lookup.py) through a backend's scan
-    gsq_kernels::quantize_at_indices  quantized = c_idx and loss_rows = (1 + beta) ||c_idx - n||^2
-                                      for given indices, differentiated by the backend's fused
-                                      backward (it depends only on the chosen indices)
+    gsq_kernels::nearest_code_exact  the exact nearest codes (lookup.py) through a backend's scan
+    gsq_kernels::quantize_exact      (quantized, indices, loss_rows) with exact indices, differentiated
+                                     by the backend's fused backward (it depends only on the indices)
 
-The lookup's refinement sizes its float64 pass from the data (how many rows are ambiguous), so it
+quantize_exact runs the backend's fused forward with the gap to the runner-up in one scan
+(quantize_forward_with_gap) and recomputes only the rows the refinement re-decides; at d <= 2 (the
+sorted search) and for a backend without that op it looks up first, then gathers.
+
+The refinement sizes its float64 pass from the data (how many rows are ambiguous), so it
 synchronizes with the device once per call: capture CUDA graphs with lookup="dot".
 """
 
@@ -29,33 +32,55 @@ def _nearest_code_exact_fake(z, codebook, eps, l2_normalize, backend):
     return z.new_empty((z.shape[0],), dtype=torch.int64)
 
 
-@torch.library.custom_op("gsq_kernels::quantize_at_indices", mutates_args=())
-def quantize_at_indices(
-    z: Tensor, codebook: Tensor, indices: Tensor, beta: float, eps: float, l2_normalize: bool, backend: str
-) -> tuple[Tensor, Tensor]:
-    """(quantized in z's dtype, loss_rows in the compute dtype), exactly what the backends' fused
-    quantize_forward returns for the same indices."""
+def _at_indices(z: Tensor, codebook: Tensor, indices: Tensor, beta: float, eps: float, l2_normalize: bool):
+    """(quantized = c_idx in z's dtype, loss_rows = (1 + beta) ||c_idx - n||^2 in the compute dtype):
+    the fused forward's outputs for given indices."""
     dtype = compute_dtype(z)
     n = z.to(dtype)
     if l2_normalize:
         n = l2(n, eps)
     code = codebook.to(dtype).index_select(0, indices)
-    loss_rows = (1 + beta) * (code - n).square().sum(dim=-1)
-    return code.to(z.dtype), loss_rows
+    return code.to(z.dtype), (1 + beta) * (code - n).square().sum(dim=-1)
 
 
-@quantize_at_indices.register_fake
-def _quantize_at_indices_fake(z, codebook, indices, beta, eps, l2_normalize, backend):
-    return z.new_empty(z.shape), z.new_empty((z.shape[0],), dtype=compute_dtype(z))
+@torch.library.custom_op("gsq_kernels::quantize_exact", mutates_args=())
+def quantize_exact(
+    z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(quantized in z's dtype, indices, loss_rows in the compute dtype) with the exact nearest codes."""
+    chosen = dispatch.BACKENDS[backend]
+    fused = chosen.quantize_forward_with_gap
+    if fused is None or lookup.uses_sorted_search(z.shape[1], l2_normalize):
+        indices = lookup.exact_nearest_code(z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap)
+        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+            quantized, loss_rows = _at_indices(z, codebook, indices, beta, eps, l2_normalize)
+        return quantized, indices, loss_rows
+    with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+        quantized, indices, loss_rows, gap = fused(z, codebook, beta, eps, l2_normalize)
+        rows, winners = lookup.refine_ambiguous_rows(z, codebook, eps, l2_normalize, indices, gap)
+        if rows.numel():
+            indices[rows] = winners
+            quantized[rows], loss_rows[rows] = _at_indices(z[rows], codebook, winners, beta, eps, l2_normalize)
+    return quantized, indices, loss_rows
+
+
+@quantize_exact.register_fake
+def _quantize_exact_fake(z, codebook, beta, eps, l2_normalize, backend):
+    rows = z.shape[0]
+    return (
+        z.new_empty(z.shape),
+        z.new_empty((rows,), dtype=torch.int64),
+        z.new_empty((rows,), dtype=compute_dtype(z)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
-    z, codebook, indices, beta, eps, l2_normalize, backend = inputs
-    ctx.save_for_backward(z, codebook, indices)
+    z, codebook, beta, eps, l2_normalize, backend = inputs
+    ctx.save_for_backward(z, codebook, output[1])
     ctx.beta, ctx.eps, ctx.l2_normalize, ctx.backend = beta, eps, l2_normalize, backend
 
 
-def _backward(ctx, grad_quantized, grad_loss_rows):
+def _backward(ctx, grad_quantized, _grad_indices, grad_loss_rows):
     z, codebook, indices = ctx.saved_tensors
     if grad_quantized is None:
         grad_quantized = torch.zeros_like(z)
@@ -72,7 +97,7 @@ def _backward(ctx, grad_quantized, grad_loss_rows):
         ctx.eps,
         ctx.l2_normalize,
     )
-    return grad_z, grad_codebook, None, None, None, None, None
+    return grad_z, grad_codebook, None, None, None, None
 
 
-quantize_at_indices.register_autograd(_backward, setup_context=_setup_context)
+quantize_exact.register_autograd(_backward, setup_context=_setup_context)

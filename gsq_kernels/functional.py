@@ -162,15 +162,14 @@ def grouped_spherical_quantize(
     beta, eps, l2_normalize = _scalar(beta), _scalar(eps), bool(l2_normalize)
     if lookup == "dot":
         quantized_rows, index_rows, loss = chosen.quantize(rows, codebook_c, beta, eps, l2_normalize)
-    else:
+    elif chosen.backward is None:  # the reference: autograd differentiates its forward
         index_rows = exact.nearest_code_exact(rows, codebook_c.detach(), eps, l2_normalize, chosen.name)
-        if chosen.backward is None:  # the reference: autograd differentiates its forward
-            quantized_rows, _, loss = reference.quantize(rows, codebook_c, beta, eps, l2_normalize, index_rows)
-        else:
-            quantized_rows, loss_rows = exact.quantize_at_indices(
-                rows, codebook_c, index_rows, beta, eps, l2_normalize, chosen.name
-            )
-            loss = loss_from_rows(loss_rows, rows)
+        quantized_rows, _, loss = reference.quantize(rows, codebook_c, beta, eps, l2_normalize, index_rows)
+    else:
+        quantized_rows, index_rows, loss_rows = exact.quantize_exact(
+            rows, codebook_c, beta, eps, l2_normalize, chosen.name
+        )
+        loss = loss_from_rows(loss_rows, rows)
     quantized = _from_group_rows(quantized_rows, shape, z)
     indices = index_rows.reshape(shape[:-1] + (groups,))
     return GSQOutput(quantized, indices, loss)

@@ -85,12 +85,11 @@ def exact_nearest_code(
     with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
         if uses_sorted_search(z.shape[1], l2_normalize):
             vectors, codes = lookup_vectors(z, codebook, eps, l2_normalize)
-            indices = sorted_search(vectors, codes)
-        else:
-            indices, gap = scan_with_gap(z, codebook, eps, l2_normalize)
-            vectors, codes = lookup_vectors(z, codebook, eps, l2_normalize)
-            indices = refine_ambiguous_rows(vectors, codes, l2_normalize, indices, gap)
-        return torch.where(torch.isfinite(z).all(dim=1), indices, 0)
+            return torch.where(torch.isfinite(z).all(dim=1), sorted_search(vectors, codes), 0)
+        # The scans already give NaN/inf rows index 0 and gap +inf, which the refinement leaves alone.
+        indices, gap = scan_with_gap(z, codebook, eps, l2_normalize)
+        rows, winners = refine_ambiguous_rows(z, codebook, eps, l2_normalize, indices, gap)
+        return indices.index_put((rows,), winners)
 
 
 def uses_sorted_search(d: int, l2_normalize: bool) -> bool:
@@ -101,8 +100,9 @@ def uses_sorted_search(d: int, l2_normalize: bool) -> bool:
 # The fused scan's winner, kept unless the rounding error could have hidden a nearer code.
 
 
-def scan_error_bound(vectors: Tensor, codes: Tensor, l2_normalize: bool) -> Tensor:
-    """Per row, a gap at or below which the scan's winner may not be the nearest code.
+def scan_error_bound(z: Tensor, codes: Tensor, l2_normalize: bool) -> Tensor:
+    """A gap at or below which the scan's winner may not be the nearest code: a 0-dim tensor with
+    l2 on (the same for every row), one per row of z with it off; float64.
 
     The scans rank s_j = <n, c^_j> (l2 on) or <z, c_j> - ||c_j||^2 / 2 (l2 off), accumulated in
     the compute precision (unit roundoff u) in any order, with or without FMA. A d-term dot product
@@ -114,39 +114,49 @@ def scan_error_bound(vectors: Tensor, codes: Tensor, l2_normalize: bool) -> Tens
     A code j beats the scan's winner w only if s_j - ||c^_j||^2/2 >= s_w - ||c^_w||^2/2 exactly
     (the distance is ||n||^2 + ||c^||^2 - 2 s), so only when the scan's gap is <= 2E, plus with l2
     on half the spread of ||c^_j||^2, which the dot product leaves out (normalized codes have norm 1
-    only to a few ulp). 1e-3 of slack covers gamma_d's higher-order terms. Takes the vectors and
-    codes the lookup ranks (lookup_vectors).
+    only to a few ulp). 1e-3 of slack covers gamma_d's higher-order terms. With l2 on,
+    n = z / max(||z||, eps) has |n| <= 1 up to its own rounding ((d + 3) u), so the bound needs no
+    pass over z. codes: what the lookup ranks (lookup_vectors); z: raw rows or their lookup vectors.
     """
-    unit = torch.finfo(vectors.dtype).eps / 2
-    d = vectors.shape[1]
+    unit = torch.finfo(codes.dtype).eps / 2
+    d = codes.shape[1]
+    slack = 1 + 1e-3
     # Squared norms in the codes' precision (one pass, no float64 copy of the codebook), widened by
-    # their own rounding (d u relative) so that max and min still bound the exact values.
+    # their own rounding (d u relative) so that max and min still bound the exact values. Tensors,
+    # not Python floats: no host synchronization here.
     code_norms_sq = codes.square().sum(-1)
-    widen = d * unit * (1 + 1e-3)
-    max_norm_sq = float(code_norms_sq.max()) * (1 + widen)
-    min_norm_sq = float(code_norms_sq.min()) * (1 - widen)
-    row_norms = torch.linalg.vector_norm(vectors.double(), dim=-1)
+    max_norm_sq = code_norms_sq.max().double() * (1 + d * unit * slack)
     if l2_normalize:
-        error = (d + 8) * unit * row_norms * math.sqrt(max_norm_sq)
-        spread = (max_norm_sq - min_norm_sq) / 2
-    else:
-        error = (2 * d + 4) * unit * (row_norms * math.sqrt(max_norm_sq) + max_norm_sq / 2)
-        spread = 0.0
-    return 2 * error * (1 + 1e-3) + spread
+        min_norm_sq = code_norms_sq.min().double() * (1 - d * unit * slack)
+        row_norm = 1 + (d + 3) * unit * slack
+        error = (d + 8) * unit * row_norm * max_norm_sq.sqrt()
+        return 2 * error * slack + (max_norm_sq - min_norm_sq) / 2
+    row_norms = torch.linalg.vector_norm(z.to(codes.dtype), dim=-1).double() * (1 + (d + 2) * unit * slack)
+    error = (2 * d + 4) * unit * (row_norms * max_norm_sq.sqrt() + max_norm_sq / 2)
+    return 2 * error * slack
 
 
-def refine_ambiguous_rows(vectors: Tensor, codes: Tensor, l2_normalize: bool, indices: Tensor, gap: Tensor) -> Tensor:
-    """The scan's indices, with rows whose gap is within the rounding bound decided in float64.
-    vectors and codes are what the lookup ranks (lookup_vectors)."""
-    if vectors.shape[0] == 0:
-        return indices
-    bound = scan_error_bound(vectors, codes, l2_normalize)
-    rows = (gap.double() <= bound).nonzero().squeeze(1)
+def refine_ambiguous_rows(
+    z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool, indices: Tensor, gap: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(rows, their nearest codes): the rows of a scan whose gap is within the rounding bound,
+    decided in float64; every other row keeps the scan's index. One host synchronization (how
+    many rows are ambiguous); z is normalized only for those rows."""
+    if z.shape[0] == 0:
+        return indices[:0], indices[:0]
+    dtype = compute_dtype(z)
+    codes = codebook.to(dtype)
+    if l2_normalize:
+        codes = l2(codes, eps)
+    bound = scan_error_bound(z, codes, l2_normalize)
+    rows = (gap <= bound).nonzero().squeeze(1)
     if rows.numel() == 0:
-        return indices
-    indices = indices.clone()
-    indices[rows] = _nearest_among_close_scores(vectors[rows], codes, indices[rows], bound[rows], l2_normalize)
-    return indices
+        return rows, indices[:0]
+    vectors = z[rows].to(dtype)
+    if l2_normalize:
+        vectors = l2(vectors, eps)
+    row_bound = bound if bound.dim() == 0 else bound[rows]
+    return rows, _nearest_among_close_scores(vectors, codes, indices[rows], row_bound, l2_normalize)
 
 
 def _nearest_among_close_scores(vectors, codes, scan_winner, bound, l2_normalize: bool) -> Tensor:

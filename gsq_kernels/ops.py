@@ -112,6 +112,22 @@ if OPS_AVAILABLE and hasattr(torch.ops.gsq, "nearest_code_with_gap"):
         return z.new_empty((rows,), dtype=torch.int64), z.new_empty((rows,), dtype=compute_dtype(z))
 
 
+def quantize_forward_with_gap(
+    z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(quantized, indices, loss_rows, gap): quantize_forward's outputs (no autograd) and
+    nearest_code_with_gap's gap, from one scan."""
+    return torch.ops.gsq.quantize_forward_with_gap(z, codebook, beta, eps, l2_normalize)
+
+
+if OPS_AVAILABLE and hasattr(torch.ops.gsq, "quantize_forward_with_gap"):
+
+    @torch.library.register_fake("gsq::quantize_forward_with_gap")
+    def _quantize_forward_with_gap_fake(z, codebook, beta, eps, l2_normalize):
+        quantized, indices, loss_rows = _quantize_forward_fake(z, codebook, beta, eps, l2_normalize)
+        return quantized, indices, loss_rows, z.new_empty((z.shape[0],), dtype=compute_dtype(z))
+
+
 def backward(
     grad_quantized: Tensor,
     grad_loss_rows: Tensor,

@@ -76,6 +76,31 @@ def test_codes_one_ulp_apart(backend, l2_normalize, nearer_first):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("l2_normalize", [True, False])
+def test_forward_patches_the_rows_it_redecides(backend, l2_normalize):
+    """The exact forward (one fused scan with the gap, then the re-decided rows recomputed): indices
+    of the oracle where the fp32 scores tie, outputs and gradients those of the reference given the
+    oracle's indices."""
+    row, codebook, _ = _one_ulp_case(l2_normalize, nearer_first=False)
+    z = torch.cat([torch.randn(300, 4), row.repeat(5, 1), torch.randn(300, 4)])
+    codebook = torch.cat([codebook, spherical_init(200, 4)])
+    expected = _oracle(z, codebook, l2_normalize)
+    z_in, codebook_in = z.clone().requires_grad_(), codebook.clone().requires_grad_()
+    out = gsq_kernels.grouped_spherical_quantize(
+        z_in[:, :, None, None], codebook_in, 1, backend=backend, l2_normalize=l2_normalize
+    )
+    assert torch.equal(out.indices.reshape(-1), expected)
+    (out.quantized.square().sum() + out.loss).backward()
+    z_ref, codebook_ref = z.clone().requires_grad_(), codebook.clone().requires_grad_()
+    quantized, _, loss = reference.quantize(z_ref, codebook_ref, 0.25, 1e-12, l2_normalize, expected)
+    (quantized.square().sum() + loss).backward()
+    assert torch.equal(out.quantized.reshape(z.shape), quantized.detach())
+    torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(z_in.grad, z_ref.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(codebook_in.grad, codebook_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d, l2_normalize", [(1, False), (2, True), (2, False), (4, True)])
 def test_duplicate_codes_take_the_lowest_index(backend, d, l2_normalize):
     codebook = torch.randn(64, d)
@@ -132,7 +157,7 @@ def test_scan_error_bound_covers_the_fp32_scores(d, l2_normalize):
     v64, c64 = vectors.double(), codes.double()
     exact = v64 @ c64.T - (0.0 if l2_normalize else (c64 * c64).sum(-1) / 2)
     worst = (fp32 - exact).abs().max(dim=1).values
-    bound = lookup.scan_error_bound(vectors, codes, l2_normalize)
+    bound = lookup.scan_error_bound(z, codes, l2_normalize)  # raw rows: with l2 on it assumes |n| <= 1
     assert (bound >= 2 * worst).all()
     # ... and tight enough to leave almost every row to the scan
     assert (bound < 1e-4 * exact.abs().max(dim=1).values.clamp_min(1)).all()
@@ -145,10 +170,10 @@ def test_refinement_redecides_only_ambiguous_rows():
     wrong = (truth + 1) % 256
     small_gap = torch.zeros(50)
     large_gap = torch.ones(50)
-    vectors, codes = lookup_vectors(z, codebook, 1e-12, True)
-    fixed = lookup.refine_ambiguous_rows(vectors, codes, True, wrong, small_gap)
-    kept = lookup.refine_ambiguous_rows(vectors, codes, True, wrong, large_gap)
-    assert torch.equal(fixed, truth) and torch.equal(kept, wrong)
+    rows, winners = lookup.refine_ambiguous_rows(z, codebook, 1e-12, True, wrong, small_gap)
+    assert torch.equal(rows, torch.arange(50)) and torch.equal(winners, truth)
+    rows, winners = lookup.refine_ambiguous_rows(z, codebook, 1e-12, True, wrong, large_gap)
+    assert rows.numel() == 0 and winners.numel() == 0
 
 
 @pytest.mark.parametrize("case", ["clustered", "short_codes", "wraparound", "tiny_rows", "few_codes"])

@@ -103,7 +103,7 @@ def spills_in_loops(sass: str) -> int:
 
 
 def _forward_variants(d: int, tiles: list | None, quick: bool):
-    block_d = max(8, triton.next_power_of_2(d))
+    block_d = kernels.forward_block_d(d)
     configs = (
         kernels.forward_configs(block_d)
         if tiles is None
@@ -133,7 +133,7 @@ def _forward_variants(d: int, tiles: list | None, quick: bool):
                 M="i32",
                 V="i32",
                 ROWS_BUCKET="i32",
-                loss_scale="fp32",
+                loss_scale="fp64",
             )
             constants = dict(
                 D=d, BLOCK_D=block_d, L2=True, WRITE_OUTPUTS=mode == "all", WITH_GAP=mode == "gap", **config.kwargs
@@ -154,7 +154,7 @@ def _fixed_variants(d: int, quick: bool):
             d,
             config,
             kernels.gsq_normalize_rows_kernel,
-            dict(z_ptr=pointer, n_ptr="*fp32", row_denom_ptr="*fp32", M="i32", eps="fp32"),
+            dict(z_ptr=pointer, n_ptr="*fp32", row_denom_ptr="*fp32", M="i32", eps="fp64"),
             dict(D=d, BLOCK_D=block_d, L2=True, BLOCK_M=block),
         )
         yield (
@@ -171,8 +171,8 @@ def _fixed_variants(d: int, quick: bool):
                 indices_ptr="*i64",
                 grad_z_ptr=pointer,
                 M="i32",
-                beta="fp32",
-                eps="fp32",
+                beta="fp64",
+                eps="fp64",
             ),
             dict(D=d, BLOCK_D=block_d, L2=True, BLOCK_M=block),
         )
@@ -193,7 +193,7 @@ def _fixed_variants(d: int, quick: bool):
                 partial_ptr="*fp32",
                 NUM_CHUNKS="i32",
                 V="i32",
-                eps="fp32",
+                eps="fp64",
             ),
             dict(CHUNK=256, D=d, BLOCK_D=block_d, L2=True, BLOCK_Q=block),
         )

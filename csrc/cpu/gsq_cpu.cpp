@@ -173,11 +173,13 @@ void run_forward(const at::Tensor& z, const at::Tensor& codebook, double beta, d
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cpu(const at::Tensor& z,
-                                                                    const at::Tensor& codebook,
-                                                                    double beta, double eps,
-                                                                    bool l2_normalize) {
-  check_z_and_codebook("gsq::quantize_forward", z, codebook);
+// The forward's outputs, plus the gap to the runner-up when `gap` is defined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const char* op, const at::Tensor& z,
+                                                               const at::Tensor& codebook,
+                                                               double beta, double eps,
+                                                               bool l2_normalize,
+                                                               const at::Tensor& gap) {
+  check_z_and_codebook(op, z, codebook);
   const auto compute = compute_dtype(z);
   const at::Tensor zc = z.to(compute).contiguous();
   const at::Tensor cb = codebook.contiguous();
@@ -190,10 +192,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cpu(const at::Te
       out.quantized = quantized.data_ptr<scalar_t>();
       out.indices = indices.data_ptr<int64_t>();
       out.loss_rows = loss_rows.data_ptr<scalar_t>();
+      if (gap.defined()) out.gap = gap.data_ptr<scalar_t>();
       run_forward<scalar_t>(zc, cb, beta, eps, l2_normalize, out);
     });
+    // A single code has no runner-up, even where its score overflowed (the kernel reports two
+    // equal infinite scores as a tie).
+    if (gap.defined() && codebook.size(0) == 1) gap.fill_(std::numeric_limits<double>::infinity());
   }
   return {quantized.to(z.scalar_type()), indices, loss_rows};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cpu(const at::Tensor& z,
+                                                                    const at::Tensor& codebook,
+                                                                    double beta, double eps,
+                                                                    bool l2_normalize) {
+  return forward_outputs("gsq::quantize_forward", z, codebook, beta, eps, l2_normalize,
+                         at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_forward_with_gap_cpu(
+    const at::Tensor& z, const at::Tensor& codebook, double beta, double eps, bool l2_normalize) {
+  at::Tensor gap = at::empty({z.size(0)}, z.options().dtype(compute_dtype(z)));
+  auto [quantized, indices, loss_rows] =
+      forward_outputs("gsq::quantize_forward_with_gap", z, codebook, beta, eps, l2_normalize, gap);
+  return {quantized, indices, loss_rows, gap};
 }
 
 at::Tensor nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook, double eps,
@@ -316,6 +338,7 @@ TORCH_LIBRARY_IMPL(gsq, CPU, m) {
   m.impl("quantize_backward", &gsq_cpu::quantize_backward_cpu);
   m.impl("nearest_code", &gsq_cpu::nearest_code_cpu);
   m.impl("nearest_code_with_gap", &gsq_cpu::nearest_code_with_gap_cpu);
+  m.impl("quantize_forward_with_gap", &gsq_cpu::quantize_forward_with_gap_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(gsq, m) {

@@ -116,16 +116,17 @@ at::Tensor run_lookup(const at::Tensor& z, const at::Tensor& codebook, double ep
   return indices;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cuda(const at::Tensor& z_in,
-                                                                     const at::Tensor& codebook_in,
-                                                                     double beta, double eps,
-                                                                     bool l2_normalize) {
-  check_z_and_codebook("gsq::quantize_forward", z_in, codebook_in);
+// The forward's outputs, plus the gap to the runner-up when `gap` is defined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const at::Tensor& z_in,
+                                                               const at::Tensor& codebook_in,
+                                                               double beta, double eps,
+                                                               bool l2_normalize,
+                                                               const at::Tensor& gap) {
   const c10::cuda::CUDAGuard guard(z_in.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor z = z_in.contiguous();
   const at::Tensor codebook = codebook_in.contiguous();
-  at::Tensor indices = run_lookup(z, codebook, eps, l2_normalize, at::Tensor(), stream);
+  at::Tensor indices = run_lookup(z, codebook, eps, l2_normalize, gap, stream);
   at::Tensor quantized = at::empty(z.sizes(), z.options());
   at::Tensor loss_rows = at::empty({z.size(0)}, z.options().dtype(compute_dtype(z)));
   check_launch(
@@ -134,6 +135,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cuda(const at::T
                    quantized.data_ptr(), loss_rows.data_ptr(), stream),
       "gather_codes");
   return {quantized, indices, loss_rows};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cuda(const at::Tensor& z,
+                                                                     const at::Tensor& codebook,
+                                                                     double beta, double eps,
+                                                                     bool l2_normalize) {
+  check_z_and_codebook("gsq::quantize_forward", z, codebook);
+  return forward_outputs(z, codebook, beta, eps, l2_normalize, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_forward_with_gap_cuda(
+    const at::Tensor& z, const at::Tensor& codebook, double beta, double eps, bool l2_normalize) {
+  check_z_and_codebook("gsq::quantize_forward_with_gap", z, codebook);
+  at::Tensor gap = at::empty({z.size(0)}, z.options().dtype(compute_dtype(z)));
+  auto [quantized, indices, loss_rows] = forward_outputs(z, codebook, beta, eps, l2_normalize, gap);
+  return {quantized, indices, loss_rows, gap};
 }
 
 at::Tensor nearest_code_cuda(const at::Tensor& z_in, const at::Tensor& codebook_in, double eps,
@@ -196,4 +213,5 @@ TORCH_LIBRARY_IMPL(gsq, CUDA, m) {
   m.impl("quantize_backward", &gsq_cuda::quantize_backward_cuda);
   m.impl("nearest_code", &gsq_cuda::nearest_code_cuda);
   m.impl("nearest_code_with_gap", &gsq_cuda::nearest_code_with_gap_cuda);
+  m.impl("quantize_forward_with_gap", &gsq_cuda::quantize_forward_with_gap_cuda);
 }

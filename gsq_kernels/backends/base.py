@@ -26,6 +26,9 @@ class Backend:
     # (z, codebook, eps, l2_normalize) -> (indices, gap): the same scan's winner and its score
     # margin over the runner-up, which the exact lookup (lookup.py) refines from
     nearest_code_with_gap: Callable[[Tensor, Tensor, float, bool], tuple[Tensor, Tensor]] | None = None
+    # (z, codebook, beta, eps, l2_normalize) -> (quantized, indices, loss_rows, gap): the fused
+    # forward (no autograd) plus the gap, in one scan: the exact lookup's forward (exact.py)
+    quantize_forward_with_gap: Callable[[Tensor, Tensor, float, float, bool], tuple[Tensor, ...]] | None = None
     # (grad_quantized, grad_loss_rows, z, codebook, indices, beta, eps, l2_normalize)
     #   -> (grad_z, grad_codebook): the fused backward for given indices; None for the reference,
     # whose exact-mode forward is differentiated by autograd

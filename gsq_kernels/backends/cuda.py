@@ -35,5 +35,6 @@ BACKEND = Backend(
     quantize=ops.quantize,
     nearest_code=ops.nearest_code,
     nearest_code_with_gap=ops.nearest_code_with_gap,
+    quantize_forward_with_gap=ops.quantize_forward_with_gap,
     backward=ops.backward,
 )

@@ -135,19 +135,20 @@ def rows_bucket(rows) -> int:
 
 def _lookup(z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool, outputs: str):
     """The forward scan. outputs: "all" -> (quantized, indices, loss_rows), "indices" -> indices,
-    "gap" -> (indices, gap)."""
+    "gap" -> (indices, gap), "all_gap" -> (quantized, indices, loss_rows, gap)."""
     import triton
 
-    from .triton_kernels import gsq_forward_kernel, gsq_normalize_rows_kernel, rows_per_program
+    from .triton_kernels import forward_block_d, gsq_forward_kernel, gsq_normalize_rows_kernel, rows_per_program
 
     z, codebook = z.contiguous(), codebook.contiguous()
     (rows, d), num_codes = z.shape, codebook.shape[0]
     with _device_guard(z.device):
         indices = torch.empty(rows, dtype=torch.int64, device=z.device)
         unused = torch.empty(0, dtype=torch.float32, device=z.device)  # for the pointers a mode never touches
-        quantized = torch.empty_like(z) if outputs == "all" else unused
-        loss_rows = torch.empty(rows, dtype=torch.float32, device=z.device) if outputs == "all" else unused
-        gap = torch.empty(rows, dtype=torch.float32, device=z.device) if outputs == "gap" else unused
+        write_outputs, with_gap = outputs in ("all", "all_gap"), outputs in ("gap", "all_gap")
+        quantized = torch.empty_like(z) if write_outputs else unused
+        loss_rows = torch.empty(rows, dtype=torch.float32, device=z.device) if write_outputs else unused
+        gap = torch.empty(rows, dtype=torch.float32, device=z.device) if with_gap else unused
         if rows > 0 and _launches(z):
             codes_t, bias = prepare_codebook(codebook, eps, l2_normalize)
             n = torch.empty((rows, d), dtype=torch.float32, device=z.device)
@@ -185,14 +186,17 @@ def _lookup(z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: 
                 rows_bucket(rows),
                 1.0 + beta,
                 D=d,
-                BLOCK_D=max(8, block_d),
+                BLOCK_D=forward_block_d(d),
                 L2=l2_normalize,
-                WRITE_OUTPUTS=outputs == "all",
-                WITH_GAP=outputs == "gap",
+                WRITE_OUTPUTS=write_outputs,
+                WITH_GAP=with_gap,
             )
-    if outputs == "all":
-        return quantized, indices, loss_rows
-    return indices if outputs == "indices" else (indices, gap)
+    return {
+        "all": (quantized, indices, loss_rows),
+        "indices": indices,
+        "gap": (indices, gap),
+        "all_gap": (quantized, indices, loss_rows, gap),
+    }[outputs]
 
 
 @_op("gsq_triton::quantize_forward")
@@ -201,6 +205,14 @@ def quantize_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check("gsq_triton::quantize_forward", z, codebook)
     return _lookup(z, codebook, beta, eps, l2_normalize, outputs="all")
+
+
+@_op("gsq_triton::quantize_forward_with_gap")
+def quantize_forward_with_gap_op(
+    z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check("gsq_triton::quantize_forward_with_gap", z, codebook)
+    return _lookup(z, codebook, beta, eps, l2_normalize, outputs="all_gap")
 
 
 @_op("gsq_triton::nearest_code")
@@ -364,6 +376,12 @@ def nearest_code_with_gap(z: Tensor, codebook: Tensor, eps: float, l2_normalize:
     return torch.ops.gsq_triton.nearest_code_with_gap(z, codebook, eps, l2_normalize)
 
 
+def quantize_forward_with_gap(z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool):
+    """quantize_forward's (quantized, indices, loss_rows) and nearest_code_with_gap's gap in one scan."""
+    _check("triton backend", z, codebook)
+    return torch.ops.gsq_triton.quantize_forward_with_gap(z, codebook, beta, eps, l2_normalize)
+
+
 def warmup(z: Tensor, codebook: Tensor, beta: float = 0.25, eps: float = 1e-12, l2_normalize: bool = True) -> None:
     """Compile and autotune every kernel of the backend for z's shape, group width and codebook.
 
@@ -383,6 +401,7 @@ def warmup(z: Tensor, codebook: Tensor, beta: float = 0.25, eps: float = 1e-12, 
         (quantized.float().sum() + loss).backward()
     nearest_code(z, codebook, eps, l2_normalize)
     nearest_code_with_gap(z, codebook, eps, l2_normalize)
+    quantize_forward_with_gap(z, codebook, beta, eps, l2_normalize)
 
 
 BACKEND = Backend(
@@ -394,5 +413,6 @@ BACKEND = Backend(
     quantize=quantize,
     nearest_code=nearest_code,
     nearest_code_with_gap=nearest_code_with_gap,
+    quantize_forward_with_gap=quantize_forward_with_gap,
     backward=backward,
 )

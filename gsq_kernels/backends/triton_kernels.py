@@ -24,7 +24,9 @@ Forward, in two launches:
   Scores: float32 FMAs in coordinate order from 0, then + bias_j: tl.dot over K chunks of BLOCK_K
   with input_precision="ieee", i.e. exact float32 FMA (TF32 tensor cores round the operands to 10
   mantissa bits and would change which code wins). Every width takes this path, D padded with zeros
-  to BLOCK_D >= 8 (an FMA with a zero operand leaves the sum unchanged): the dot's FMA lowering gives
+  to BLOCK_D >= MIN_DOT_K (an FMA with a zero operand leaves the sum unchanged; tl.dot takes float32
+  K >= 8 from Triton 3.8 and K >= 16 before, which the GPU compiler enforces and the interpreter
+  does not): the dot's FMA lowering gives
   each thread a 2-D block of scores (4 x 4 per repetition), where D rank-1 updates of broadcast
   vectors get one column per thread and twice the instructions per score at d = 4.
   Ties: inside a tile tl.max(..., return_indices_tie_break_left=True) keeps the lowest index; across
@@ -97,13 +99,38 @@ _FORWARD_TILES = {
 ROWS_BUCKET_CAP = 1 << 20
 
 
+def _min_dot_k() -> int:
+    """The smallest K the installed Triton's NVIDIA backend accepts in a float32 tl.dot (8 from
+    Triton 3.8, 16 before); 16 when the backend cannot say."""
+    try:
+        from triton.backends.nvidia.compiler import min_dot_size
+
+        operand = tl.block_type(tl.float32, [16, 16])
+        return max(8, int(min_dot_size(None)(operand, operand)[2]))
+    except Exception:  # another backend layout: the older, larger minimum is always accepted
+        return 16
+
+
+MIN_DOT_K = _min_dot_k()
+
+
+def forward_block_d(d: int) -> int:
+    """The scan's padded width: the next power of two >= max(d, MIN_DOT_K)."""
+    return max(MIN_DOT_K, triton.next_power_of_2(d))
+
+
 def forward_configs(block_d: int) -> list:
-    """The configurations the forward may run with at this padded width (the first is the default)."""
+    """The configurations the forward may run with at this padded width (the first is the default).
+    The tables were chosen at BLOCK_K = 8; where Triton needs K >= 16, the wide widths keep only the
+    tiles of at most 64 x 64 (larger ones spilled at BLOCK_K = 16)."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": 128, "BLOCK_V": 1024, "BLOCK_K": block_d}, num_warps=4)]
+    tiles = _FORWARD_TILES.get(max(block_d, 8), _FORWARD_TILES["wide"])
+    if MIN_DOT_K > 8 and block_d >= 64:
+        tiles = tuple(tile for tile in tiles if tile[0] * tile[1] <= 64 * 64)
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, v, k, w, s in _FORWARD_TILES.get(max(block_d, 8), _FORWARD_TILES["wide"])
+        triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_K": max(k, MIN_DOT_K)}, num_warps=w, num_stages=s)
+        for m, v, k, w, s in tiles
     ]
 
 
@@ -145,6 +172,9 @@ def gsq_normalize_rows_kernel(
     L2: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
+    # Float scalars arrive as fp32 from a direct launch but as fp64 from torch.compile's generated
+    # launcher; the math is float32 either way (tl.sqrt_rn / tl.div_rn take float32 only).
+    eps = tl.cast(eps, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dims = tl.arange(0, BLOCK_D)
@@ -246,7 +276,7 @@ def gsq_forward_kernel(
     ROWS_BUCKET,  # next power of two >= M, capped: only part of the autotune key
     loss_scale,  # 1 + beta
     D: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # next power of two >= max(D, 8): tl.dot on float32 takes K >= 8
+    BLOCK_D: tl.constexpr,  # forward_block_d(D): next power of two >= max(D, MIN_DOT_K)
     L2: tl.constexpr,
     WRITE_OUTPUTS: tl.constexpr,  # False: indices only (nearest_code)
     WITH_GAP: tl.constexpr,
@@ -254,6 +284,7 @@ def gsq_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,  # chunk of D per tl.dot (fewer live operand registers than all of D)
 ):
+    loss_scale = tl.cast(loss_scale, tl.float32)  # fp64 from torch.compile's launcher
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     row_denom = tl.load(row_denom_ptr + rows, mask=row_ok, other=1.0)
@@ -315,6 +346,8 @@ def gsq_backward_z_kernel(
     L2: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
+    beta = tl.cast(beta, tl.float32)  # fp64 from torch.compile's launcher
+    eps = tl.cast(eps, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dims = tl.arange(0, BLOCK_D)
@@ -361,6 +394,7 @@ def gsq_codebook_grad_chunks_kernel(
     L2: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # fp64 from torch.compile's launcher
     chunk = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     code = tl.load(chunk_code_ptr + chunk, mask=chunk < NUM_CHUNKS, other=V)
     chunk_ok = code < V

@@ -252,6 +252,34 @@ def test_opcheck(l2_normalize):
             torch.library.opcheck(torch.ops.gsq.nearest_code_with_gap.default, (z, codebook, EPS, l2_normalize))
 
 
+@pytest.mark.parametrize("l2_normalize", [True, False])
+@pytest.mark.parametrize("d", [1, 4, 16])
+def test_forward_with_gap_is_the_forward_and_the_gap_in_one_scan(isa, d, l2_normalize):
+    """gsq::quantize_forward_with_gap: quantize_forward's outputs and nearest_code_with_gap's gap,
+    bit for bit (the same kernel with every output on), NaN rows and V == 1 included."""
+    z = torch.randn(203, d)
+    z[5, 0] = float("nan")
+    for codes in (1, 19, 300):
+        codebook = torch.randn(codes, d)
+        quantized, indices, loss_rows, gap = torch.ops.gsq.quantize_forward_with_gap(
+            z, codebook, 0.25, EPS, l2_normalize
+        )
+        expected = torch.ops.gsq.quantize_forward(z, codebook, 0.25, EPS, l2_normalize)
+        assert torch.equal(quantized, expected[0]) and torch.equal(indices, expected[1])
+        assert torch.equal(loss_rows.nan_to_num(-1.0), expected[2].nan_to_num(-1.0))
+        assert torch.equal(gap, torch.ops.gsq.nearest_code_with_gap(z, codebook, EPS, l2_normalize)[1])
+
+
+def test_forward_with_gap_opcheck():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        for rows, d, codes in ((37, 4, 19), (0, 4, 5), (3, 2, 1)):
+            z = torch.randn(rows, d).to(dtype)
+            codebook = torch.randn(codes, d, dtype=compute)
+            args = (z, codebook, 0.25, EPS, True)
+            torch.library.opcheck(torch.ops.gsq.quantize_forward_with_gap.default, args)
+
+
 def test_torch_compile_fullgraph():
     def lookup(z, codebook):
         indices, gap = ops.nearest_code_with_gap(z, codebook, EPS, True)

@@ -139,6 +139,19 @@ def test_gap_op_matches_nearest_code_and_the_reference_gap(d, l2_normalize):
         assert (error <= _gap_tolerance(z, codebook, l2_normalize)).all(), (codes, error.max())
 
 
+@pytest.mark.parametrize("l2_normalize", [True, False])
+@pytest.mark.parametrize("d", [3, 16])
+def test_forward_with_gap_is_the_forward_and_the_gap_in_one_scan(d, l2_normalize):
+    z = torch.randn(37, d, device=DEVICE)
+    z[4, 0] = float("nan")
+    codebook = torch.randn(CODES, d, device=DEVICE)
+    quantized, indices, loss_rows, gap = triton_backend.quantize_forward_with_gap(z, codebook, 0.25, EPS, l2_normalize)
+    expected = torch.ops.gsq_triton.quantize_forward(z, codebook, 0.25, EPS, l2_normalize)
+    assert torch.equal(quantized, expected[0]) and torch.equal(indices, expected[1])
+    assert torch.equal(loss_rows.nan_to_num(-1.0), expected[2].nan_to_num(-1.0))
+    assert torch.equal(gap, triton_backend.nearest_code_with_gap(z, codebook, EPS, l2_normalize)[1])
+
+
 @pytest.mark.parametrize("d", [1, 3, 16, 64])
 def test_gap_is_exact_when_every_score_is_exact(d):
     """Small integers with l2 off: every product and partial sum is an integer or a half below 2^24,

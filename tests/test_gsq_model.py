@@ -44,7 +44,8 @@ def test_forward_encode_decode_agree():
     images = torch.rand(3, 3, 32, 48) * 2 - 1
     out = model(images)
     assert out.reconstruction.shape == images.shape
-    assert out.indices.shape == (3, 4, 6, config.groups) and out.indices.dtype == torch.int64
+    factor = 2 ** (len(config.channel_multipliers) - 1)
+    assert out.indices.shape == (3, 32 // factor, 48 // factor, config.groups) and out.indices.dtype == torch.int64
     assert out.quantizer_loss.ndim == 0 and torch.isfinite(out.quantizer_loss)
     tokens = model.encode(images)
     assert torch.equal(tokens, out.indices)
@@ -67,8 +68,9 @@ def test_bad_images_and_tokens():
         model(torch.zeros(1, 1, 16, 16))
     with pytest.raises(TypeError, match="floating point"):
         model(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="divisible by the down-sampling factor 8"):
-        model(torch.zeros(1, 3, 20, 16))
+    factor = 2 ** (len(preset("tiny").model.channel_multipliers) - 1)
+    with pytest.raises(ValueError, match=f"divisible by the down-sampling factor {factor}"):
+        model(torch.zeros(1, 3, 16 + factor // 2, 16))
     with pytest.raises(ValueError, match=r"indices must be in \[0, 64\)"):
         model.decode(torch.full((1, 2, 2, 4), 64))
     with pytest.raises(ValueError, match=r"\(B, h, w, G\)"):

@@ -402,6 +402,7 @@ def test_warmup_launches_every_kernel_in_every_mode(monkeypatch):
         ("gsq_forward_kernel", True, False),  # quantize_forward
         ("gsq_forward_kernel", False, False),  # nearest_code
         ("gsq_forward_kernel", False, True),  # nearest_code_with_gap
+        ("gsq_forward_kernel", True, True),  # quantize_forward_with_gap (the exact lookup's forward)
         ("gsq_backward_z_kernel", None, None),
         ("gsq_codebook_grad_chunks_kernel", None, None),
         ("gsq_codebook_grad_combine_kernel", None, None),

@@ -234,7 +234,12 @@ def evaluate_checkpoint(
         text = json.dumps(report, indent=2) + "\n"
         write_new(output / "report.json", lambda temporary: temporary.write_text(text), config.overwrite)
         if grid is not None:
-            write_new(output / "grid.png", lambda temporary: save_comparison_grid(*grid, temporary), config.overwrite)
+            title = "images above, reconstructions (EMA weights) below"
+            write_new(
+                output / "grid.png",
+                lambda temporary: save_comparison_grid(*grid, temporary, title=title),
+                config.overwrite,
+            )
         report["output"] = str(output)
         log(format_report(report))
     finish_processes(processes)

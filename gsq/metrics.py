@@ -77,24 +77,33 @@ class CodebookUsage:
         return {"usage_percent": usage_percent(counts), "perplexity": usage_perplexity(counts)}
 
 
-def save_comparison_grid(originals: Tensor, reconstructions: Tensor, path: Path, columns: int = 8) -> Path:
-    """PNG: originals on the top row, their reconstructions right below, 2 px white gaps; written
-    under a temporary name and renamed."""
-    from PIL import Image
+GRID_TITLE_HEIGHT = 14  # px of the caption strip above a grid's tiles
+
+
+def save_comparison_grid(
+    originals: Tensor, reconstructions: Tensor, path: Path, columns: int = 8, title: str = ""
+) -> Path:
+    """PNG: originals on the top row, their reconstructions right below, 2 px white gaps, under a
+    caption strip (`title`, clipped to the width; none when empty); written under a temporary name
+    and renamed."""
+    from PIL import Image, ImageDraw
 
     n = min(columns, originals.shape[0])
     rows = [to_unit_range(originals[:n]).cpu(), to_unit_range(reconstructions[:n]).cpu()]
     _, _, h, w = rows[0].shape
     pad = 2
-    canvas = torch.ones(3, 2 * h + 3 * pad, n * w + (n + 1) * pad)
+    caption = GRID_TITLE_HEIGHT if title else 0
+    canvas = torch.ones(3, caption + 2 * h + 3 * pad, n * w + (n + 1) * pad)
     for r, row in enumerate(rows):
         for c in range(n):
-            top, left = pad + r * (h + pad), pad + c * (w + pad)
+            top, left = caption + pad + r * (h + pad), pad + c * (w + pad)
             canvas[:, top : top + h, left : left + w] = row[c]
-    array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    image = Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    if title:
+        ImageDraw.Draw(image).text((pad, 1), title, fill=(0, 0, 0))  # Pillow's built-in font: no file needed
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(temporary, format="PNG")
+    image.save(temporary, format="PNG")
     temporary.replace(path)
     return path
 

@@ -743,7 +743,10 @@ class Trainer:
             with torch.no_grad(), self.autocast():
                 reconstruction = self.ema(self.grid_images.to(self.device)).reconstruction
             save_comparison_grid(
-                self.grid_images, reconstruction.float(), self.run_dir / "grids" / f"step_{step:08d}.png"
+                self.grid_images,
+                reconstruction.float(),
+                self.run_dir / "grids" / f"step_{step:08d}.png",
+                title=f"step {step}: validation tiles above, EMA reconstructions below",
             )
 
     def _training_state(self) -> tuple[dict, dict]:

@@ -16,7 +16,7 @@ from torch import nn
 from gsq import checkpoint as ckpt
 from gsq.cli import main as gsq_main
 from gsq.evaluate import EvalConfig, build_inception, evaluate_checkpoint, to_uint8
-from gsq.metrics import FeatureMoments, PSNRMeter, frechet_distance, ssim
+from gsq.metrics import GRID_TITLE_HEIGHT, FeatureMoments, PSNRMeter, frechet_distance, ssim
 from gsq.pretrained import WeightsFileError, WeightsUnavailable
 from gsq.tokens import decode_tokens, encode_images, read_image, read_tokens, write_images
 from gsq.train import train
@@ -146,7 +146,7 @@ def test_eval_pipeline_end_to_end(trained, tmp_path):
     assert 0 < m["usage_percent"] <= 100 and m["perplexity"] >= 1
     assert report["unavailable"] == {}
     assert json.loads((tmp_path / "report.json").read_text())["metrics"] == m
-    assert Image.open(tmp_path / "grid.png").size == (6 * 32 + 7 * 2, 2 * 32 + 3 * 2)
+    assert Image.open(tmp_path / "grid.png").size == (6 * 32 + 7 * 2, GRID_TITLE_HEIGHT + 2 * 32 + 3 * 2)
 
 
 def test_missing_inception_and_alexnet_are_reported_unavailable(trained, tmp_path, monkeypatch):

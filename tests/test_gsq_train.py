@@ -8,6 +8,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +17,7 @@ from gsq import checkpoint as ckpt
 from gsq.cli import main as gsq_main
 from gsq.config import ConfigError, RunConfig, apply_overrides, leaf_keys, preset
 from gsq.data import DataError, ImageFolderDataset, list_images
+from gsq.metrics import GRID_TITLE_HEIGHT
 from gsq.pretrained import WeightsFileError, WeightsUnavailable
 from gsq.train import train
 from gsq_runs import small_config
@@ -50,7 +52,10 @@ def test_a_few_steps_write_the_run_folder(tmp_path):
         "step_00000006.png",
     ]
     grid = Image.open(run / "grids" / "step_00000006.png")
-    assert grid.size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)  # 4 validation tiles: originals over reconstructions
+    # 4 validation tiles, originals over reconstructions, under a caption strip that names the step
+    assert grid.size == (4 * 32 + 5 * 2, GRID_TITLE_HEIGHT + 2 * 32 + 3 * 2)
+    caption = np.asarray(grid)[:GRID_TITLE_HEIGHT]
+    assert (caption < 128).any() and (np.asarray(grid)[GRID_TITLE_HEIGHT : GRID_TITLE_HEIGHT + 2] == 255).all()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     loaded = ckpt.load_checkpoint(run)
     assert loaded.step == 6 and loaded.weights == "ema"

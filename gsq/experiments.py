@@ -1,11 +1,11 @@
 """`gsq experiment ablation`: the paper's small-scale codebook ablation (docs/spec.md, section "Evaluation"), at a
-scale the 2-core CPU trains in under 30 minutes.
+scale the 2-core CPU trains in under an hour (about 9 minutes per arm).
 
 The paper (128x128 ImageNet, no GAN, D=8, V=8192): uniform initialization without l2 in the lookup
 -> usage 3.4%, rFID 11.4; spherical initialization with l2 -> usage 100%, rFID 5.4; and, for
 grouping, more groups at the same D and V reconstruct better (table of section 5).
 
-Here: the tiny autoencoder (no GAN, no LPIPS term) on 64x64 crops of the bundled photos, D=8,
+Here: the tiny autoencoder at F8 (no GAN, no LPIPS term) on 64x64 crops of the bundled photos, D=8,
 V=1024, the same steps, seed and data for every arm:
   (a) uniform init, no l2, G=1     (b) spherical init, l2, G=1     (c) spherical init, l2, G=4
 and, for the lookup, D=16 in G=8 groups of d=2 with V=65,536:

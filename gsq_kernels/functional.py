@@ -71,7 +71,10 @@ def check_finite(name: str, tensor: Tensor) -> None:
         # A count would need a host sync, which torch.compile cannot trace without a graph break.
         torch._assert_async(torch.isfinite(tensor).all(), f"{name} contains non-finite values (NaN or inf)")
         return
-    bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):  # the common case; a count of the bool tensor would first widen it to int64
+        return
+    bad = tensor.numel() - int(finite.sum())
     if bad:
         raise ValueError(
             f"{name} contains {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf) out of "

@@ -100,7 +100,7 @@ def uses_sorted_search(d: int, l2_normalize: bool) -> bool:
 # The fused scan's winner, kept unless the rounding error could have hidden a nearer code.
 
 
-def scan_error_bound(z: Tensor, codes: Tensor, l2_normalize: bool) -> Tensor:
+def scan_error_bound(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool) -> Tensor:
     """A gap at or below which the scan's winner may not be the nearest code: a 0-dim tensor with
     l2 on (the same for every row), one per row of z with it off; float64.
 
@@ -113,25 +113,30 @@ def scan_error_bound(z: Tensor, codes: Tensor, l2_normalize: bool) -> Tensor:
       l2 off: E = (2d + 4) u (|z| max|c| + max|c|^2 / 2)   (the bias -||c||^2/2 is a d-term sum too)
     A code j beats the scan's winner w only if s_j - ||c^_j||^2/2 >= s_w - ||c^_w||^2/2 exactly
     (the distance is ||n||^2 + ||c^||^2 - 2 s), so only when the scan's gap is <= 2E, plus with l2
-    on half the spread of ||c^_j||^2, which the dot product leaves out (normalized codes have norm 1
-    only to a few ulp). 1e-3 of slack covers gamma_d's higher-order terms. With l2 on,
-    n = z / max(||z||, eps) has |n| <= 1 up to its own rounding ((d + 3) u), so the bound needs no
-    pass over z. codes: what the lookup ranks (lookup_vectors); z: raw rows or their lookup vectors.
+    on half the spread of ||c^_j||^2, which the dot product leaves out. 1e-3 of slack covers
+    gamma_d's higher-order terms.
+
+    With l2 on nothing is normalized here: x / max(||x||, eps) has norm min(1, ||x|| / eps) exactly
+    and within (d + 3) u of it as computed, so |n| <= 1 (+ that), max ||c^||^2 <= 1 (+ twice that)
+    and min ||c^||^2 follows from the shortest code. One pass over the codebook (its row norms) and,
+    with l2 off, one over z; tensors, not Python floats, so nothing synchronizes with the device.
     """
-    unit = torch.finfo(codes.dtype).eps / 2
-    d = codes.shape[1]
+    dtype = compute_dtype(z)
+    unit = torch.finfo(dtype).eps / 2
+    d = codebook.shape[1]
     slack = 1 + 1e-3
-    # Squared norms in the codes' precision (one pass, no float64 copy of the codebook), widened by
-    # their own rounding (d u relative) so that max and min still bound the exact values. Tensors,
-    # not Python floats: no host synchronization here.
-    code_norms_sq = codes.square().sum(-1)
-    max_norm_sq = code_norms_sq.max().double() * (1 + d * unit * slack)
+    # Relative, on squared norms: fl(sqrt(fl(sum c_k^2))) is within (d/2 + 1) u of |c|, and dividing
+    # (or multiplying by a reciprocal) adds u or 2u per coordinate, so a normalized code's squared
+    # norm is within (d + 6) u of min(1, |c|^2 / eps^2); (d + 8) u covers any backend's variant.
+    widen = (d + 8) * unit * slack
+    code_norms = torch.linalg.vector_norm(codebook.to(dtype), dim=-1)
     if l2_normalize:
-        min_norm_sq = code_norms_sq.min().double() * (1 - d * unit * slack)
-        row_norm = 1 + (d + 3) * unit * slack
-        error = (d + 8) * unit * row_norm * max_norm_sq.sqrt()
+        shortest = (code_norms.min().double() / eps).clamp_max(1.0)
+        max_norm_sq, min_norm_sq = 1 + widen, shortest.square() * (1 - widen)
+        error = (d + 8) * unit * (1 + widen) * math.sqrt(max_norm_sq)
         return 2 * error * slack + (max_norm_sq - min_norm_sq) / 2
-    row_norms = torch.linalg.vector_norm(z.to(codes.dtype), dim=-1).double() * (1 + (d + 2) * unit * slack)
+    max_norm_sq = code_norms.max().double().square() * (1 + widen)
+    row_norms = torch.linalg.vector_norm(z.to(dtype), dim=-1).double() * (1 + widen)
     error = (2 * d + 4) * unit * (row_norms * max_norm_sq.sqrt() + max_norm_sq / 2)
     return 2 * error * slack
 
@@ -141,20 +146,14 @@ def refine_ambiguous_rows(
 ) -> tuple[Tensor, Tensor]:
     """(rows, their nearest codes): the rows of a scan whose gap is within the rounding bound,
     decided in float64; every other row keeps the scan's index. One host synchronization (how
-    many rows are ambiguous); z is normalized only for those rows."""
+    many rows are ambiguous); z and the codebook are normalized only when some row is."""
     if z.shape[0] == 0:
         return indices[:0], indices[:0]
-    dtype = compute_dtype(z)
-    codes = codebook.to(dtype)
-    if l2_normalize:
-        codes = l2(codes, eps)
-    bound = scan_error_bound(z, codes, l2_normalize)
+    bound = scan_error_bound(z, codebook, eps, l2_normalize)
     rows = (gap <= bound).nonzero().squeeze(1)
     if rows.numel() == 0:
         return rows, indices[:0]
-    vectors = z[rows].to(dtype)
-    if l2_normalize:
-        vectors = l2(vectors, eps)
+    vectors, codes = lookup_vectors(z[rows], codebook, eps, l2_normalize)
     row_bound = bound if bound.dim() == 0 else bound[rows]
     return rows, _nearest_among_close_scores(vectors, codes, indices[rows], row_bound, l2_normalize)
 

@@ -157,7 +157,7 @@ def test_scan_error_bound_covers_the_fp32_scores(d, l2_normalize):
     v64, c64 = vectors.double(), codes.double()
     exact = v64 @ c64.T - (0.0 if l2_normalize else (c64 * c64).sum(-1) / 2)
     worst = (fp32 - exact).abs().max(dim=1).values
-    bound = lookup.scan_error_bound(z, codes, l2_normalize)  # raw rows: with l2 on it assumes |n| <= 1
+    bound = lookup.scan_error_bound(z, codebook, 1e-12, l2_normalize)
     assert (bound >= 2 * worst).all()
     # ... and tight enough to leave almost every row to the scan
     assert (bound < 1e-4 * exact.abs().max(dim=1).values.clamp_min(1)).all()

@@ -564,14 +564,17 @@ def test_the_paper_presets_convert_from_the_official_configs(name):
 def test_per_level_counts_are_validated():
     from gsq.config import ConfigError, apply_overrides
 
-    config = apply_overrides(preset("tiny"), ["model.encoder_res_blocks=0,2,1,3", "model.decoder_mid_blocks=3"])
+    four_levels = "model.channel_multipliers=1,1,2,2"
+    config = apply_overrides(
+        preset("tiny"), [four_levels, "model.encoder_res_blocks=0,2,1,3", "model.decoder_mid_blocks=3"]
+    )
     assert config.model.level_res_blocks("decoder") == (1, 1, 1, 1) and config.model.middle_blocks("decoder") == 3
     with torch.device("meta"):
         model = GSQTokenizer(config.model)
     assert [len(level.blocks) for level in model.encoder.levels] == [0, 2, 2, 3]  # + width changes at 1 and 3
     assert len(model.decoder.mid) == 3 and len(model.encoder.mid) == 1
     with pytest.raises(ConfigError, match="model.encoder_res_blocks must be empty or hold one count"):
-        apply_overrides(preset("tiny"), ["model.encoder_res_blocks=1,2"])
+        apply_overrides(preset("tiny"), [four_levels, "model.encoder_res_blocks=1,2"])
     with pytest.raises(ConfigError, match="model.upsample must be one of"):
         apply_overrides(preset("tiny"), ["model.upsample=bilinear"])
 

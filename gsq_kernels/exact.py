@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, lookup
+from .ops import register_quantize_autograd
 from .reference import compute_dtype, l2
 
 
@@ -74,30 +75,11 @@ def _quantize_exact_fake(z, codebook, beta, eps, l2_normalize, backend):
     )
 
 
-def _setup_context(ctx, inputs, output):
-    z, codebook, beta, eps, l2_normalize, backend = inputs
-    ctx.save_for_backward(z, codebook, output[1])
-    ctx.beta, ctx.eps, ctx.l2_normalize, ctx.backend = beta, eps, l2_normalize, backend
-
-
-def _backward(ctx, grad_quantized, _grad_indices, grad_loss_rows):
-    z, codebook, indices = ctx.saved_tensors
-    if grad_quantized is None:
-        grad_quantized = torch.zeros_like(z)
-    if grad_loss_rows is None:
-        grad_loss_rows = z.new_zeros((z.shape[0],), dtype=compute_dtype(z))
-    fused_backward = dispatch.BACKENDS[ctx.backend].backward
-    grad_z, grad_codebook = fused_backward(
-        grad_quantized.contiguous(),
-        grad_loss_rows.contiguous(),
-        z,
-        codebook,
-        indices,
-        ctx.beta,
-        ctx.eps,
-        ctx.l2_normalize,
+def _backend_backward(grad_quantized, grad_loss_rows, z, codebook, indices, beta, eps, l2_normalize, backend):
+    """The fused backward of the backend that ran the forward (it depends only on the indices)."""
+    return dispatch.BACKENDS[backend].backward(
+        grad_quantized.contiguous(), grad_loss_rows.contiguous(), z, codebook, indices, beta, eps, l2_normalize
     )
-    return grad_z, grad_codebook, None, None, None, None
 
 
-quantize_exact.register_autograd(_backward, setup_context=_setup_context)
+register_quantize_autograd("gsq_kernels::quantize_exact", _backend_backward)

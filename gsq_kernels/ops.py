@@ -31,18 +31,19 @@ def loss_from_rows(loss_rows: Tensor, z: Tensor) -> Tensor:
 def register_quantize_autograd(forward_op: str, backward: Callable[..., tuple[Tensor, Tensor]]) -> None:
     """Differentiate a fused forward op through its fused backward.
 
-    forward_op: the qualified name of an op (z, codebook, beta, eps, l2_normalize) ->
-      (quantized, indices, loss_rows), e.g. "gsq::quantize_forward".
-    backward: (grad_quantized, grad_loss_rows, z, codebook, indices, beta, eps, l2_normalize) ->
-      (grad_z, grad_codebook), e.g. torch.ops.gsq.quantize_backward. An output that receives no
+    forward_op: the qualified name of an op (z, codebook, beta, eps, l2_normalize, *extra) ->
+      (quantized, indices, loss_rows), e.g. "gsq::quantize_forward"; extra inputs (a backend name)
+      get no gradient and are passed on to `backward`.
+    backward: (grad_quantized, grad_loss_rows, z, codebook, indices, beta, eps, l2_normalize, *extra)
+      -> (grad_z, grad_codebook), e.g. torch.ops.gsq.quantize_backward. An output that receives no
       gradient is passed as zeros (grad_loss_rows in the compute dtype).
     """
 
     def setup_context(ctx, inputs, output):
-        z, codebook, beta, eps, l2_normalize = inputs
+        z, codebook, beta, eps, l2_normalize, *extra = inputs
         _, indices, _ = output
         ctx.save_for_backward(z, codebook, indices)
-        ctx.beta, ctx.eps, ctx.l2_normalize = beta, eps, l2_normalize
+        ctx.beta, ctx.eps, ctx.l2_normalize, ctx.extra = beta, eps, l2_normalize, extra
         ctx.mark_non_differentiable(indices)
 
     def differentiate(ctx, grad_quantized, _grad_indices, grad_loss_rows):
@@ -52,9 +53,9 @@ def register_quantize_autograd(forward_op: str, backward: Callable[..., tuple[Te
         if grad_loss_rows is None:
             grad_loss_rows = z.new_zeros((z.shape[0],), dtype=compute_dtype(z))
         grad_z, grad_codebook = backward(
-            grad_quantized, grad_loss_rows, z, codebook, indices, ctx.beta, ctx.eps, ctx.l2_normalize
+            grad_quantized, grad_loss_rows, z, codebook, indices, ctx.beta, ctx.eps, ctx.l2_normalize, *ctx.extra
         )
-        return grad_z, grad_codebook, None, None, None
+        return grad_z, grad_codebook, None, None, None, *(None for _ in ctx.extra)
 
     torch.library.register_autograd(forward_op, differentiate, setup_context=setup_context)
 

@@ -48,4 +48,10 @@ TORCH_LIBRARY(gsq, m) {
       "quantize_forward_with_gap(Tensor z, Tensor codebook, float beta, float eps, "
       "bool l2_normalize) -> (Tensor quantized, Tensor indices, Tensor loss_rows, Tensor gap)",
       {at::Tag::pt2_compliant_tag});
+  // The exact nearest codes for d = 1, and d = 2 with l2 on: indices (M,) int64, the index j
+  // minimizing ||n - c^_j||^2 (lowest index on ties; 0 for rows holding NaN/inf), ranked over
+  // the lookup vectors n = l2(z), c^_j = l2(c_j) with the norm taken in float64 and rounded once
+  // to float32 (raw z and c_j when l2 is off), as if computed exactly. z float32/16/bf16.
+  m.def("nearest_code_sorted(Tensor z, Tensor codebook, float eps, bool l2_normalize) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }

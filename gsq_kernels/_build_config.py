@@ -131,7 +131,9 @@ def cxx_flags(with_cuda: bool) -> list[str]:
     # -fopenmp: at::parallel_for is a header template that only forks threads when the extension
     # itself is compiled with OpenMP; the libgomp it links is the one torch has already loaded.
     # -g / -g0 last: it overrides the -g of Python's CFLAGS, which come first on the command line.
-    flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unused-function", "-g" if debug_build() else "-g0"]
+    # -fno-math-errno: no kernel reads errno, and a sqrt that may set it cannot be vectorized.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wno-unused-function"]
+    flags.append("-g" if debug_build() else "-g0")
     if with_cuda:
         flags.append("-DGSQ_WITH_CUDA")
     return flags

@@ -24,8 +24,10 @@ from .reference import compute_dtype, l2
 
 @torch.library.custom_op("gsq_kernels::nearest_code_exact", mutates_args=())
 def nearest_code_exact(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool, backend: str) -> Tensor:
-    scan = dispatch.BACKENDS[backend].nearest_code_with_gap
-    return lookup.exact_nearest_code(z, codebook, eps, l2_normalize, scan)
+    chosen = dispatch.BACKENDS[backend]
+    return lookup.exact_nearest_code(
+        z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap, chosen.nearest_code_sorted
+    )
 
 
 @nearest_code_exact.register_fake
@@ -52,7 +54,9 @@ def quantize_exact(
     chosen = dispatch.BACKENDS[backend]
     fused = chosen.quantize_forward_with_gap
     if fused is None or lookup.uses_sorted_search(z.shape[1], l2_normalize):
-        indices = lookup.exact_nearest_code(z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap)
+        indices = lookup.exact_nearest_code(
+            z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap, chosen.nearest_code_sorted
+        )
         with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
             quantized, loss_rows = _at_indices(z, codebook, indices, beta, eps, l2_normalize)
         return quantized, indices, loss_rows

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype, l2
+from .reference import compute_dtype
 
 LOOKUP_MODES = ("exact", "dot")
 
@@ -48,12 +48,24 @@ def check_lookup(lookup) -> str:
     return lookup
 
 
+def lookup_l2(x: Tensor, eps: float) -> Tensor:
+    """x / max(r, eps) with r = ||x|| taken in float64 and rounded once to x's dtype.
+
+    The lookup's normalization. For d <= 2 every x_k^2 is exact in float64 and their sum rounds
+    once, so r, and the normalized vector, are the same bits on every device and in every kernel
+    (torch's own vector_norm rounds differently on a CPU and on a GPU). For larger d it is within
+    an ulp of l2(x), which the scan's error bound allows for.
+    """
+    norm = x.double().square().sum(dim=-1, keepdim=True).sqrt().to(x.dtype)
+    return x / norm.clamp_min(eps)
+
+
 def lookup_vectors(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool) -> tuple[Tensor, Tensor]:
     """(n, c^) in the compute dtype: the vectors whose distances the lookup ranks."""
     dtype = compute_dtype(z)
     z, codebook = z.to(dtype), codebook.to(dtype)
     if l2_normalize:
-        return l2(z, eps), l2(codebook, eps)
+        return lookup_l2(z, eps), lookup_l2(codebook, eps)
     return z, codebook
 
 
@@ -80,10 +92,14 @@ def exact_nearest_code(
     eps: float,
     l2_normalize: bool,
     scan_with_gap: Callable[[Tensor, Tensor, float, bool], tuple[Tensor, Tensor]],
+    sorted_kernel: Callable[[Tensor, Tensor, float, bool], Tensor] | None = None,
 ) -> Tensor:
-    """Exact nearest-code indices (M,) for group vectors z (M, d); rows holding NaN/inf get 0."""
+    """Exact nearest-code indices (M,) for group vectors z (M, d); rows holding NaN/inf get 0.
+    sorted_kernel: a backend's sorted search (d <= 2, float32), else sorted_search below."""
     with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
         if uses_sorted_search(z.shape[1], l2_normalize):
+            if sorted_kernel is not None and compute_dtype(z) == torch.float32:
+                return sorted_kernel(z, codebook.float(), eps, l2_normalize)
             vectors, codes = lookup_vectors(z, codebook, eps, l2_normalize)
             return torch.where(torch.isfinite(z).all(dim=1), sorted_search(vectors, codes), 0)
         # The scans already give NaN/inf rows index 0 and gap +inf, which the refinement leaves alone.

@@ -113,6 +113,25 @@ if OPS_AVAILABLE and hasattr(torch.ops.gsq, "nearest_code_with_gap"):
         return z.new_empty((rows,), dtype=torch.int64), z.new_empty((rows,), dtype=compute_dtype(z))
 
 
+def nearest_code_sorted(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool) -> Tensor:
+    """The exact nearest codes for d = 1, or d = 2 with l2 on (the sorted search of lookup.py in
+    one kernel: a bucket sort of the codes, then a search per row); float32 compute only."""
+    return torch.ops.gsq.nearest_code_sorted(z, codebook, eps, l2_normalize)
+
+
+def has_op(name: str) -> bool:
+    """Whether the loaded extension defines gsq::name (an older build still loads without it)."""
+    return OPS_AVAILABLE and hasattr(torch.ops.gsq, name)
+
+
+if has_op("nearest_code_sorted"):
+
+    @torch.library.register_fake("gsq::nearest_code_sorted")
+    def _nearest_code_sorted_fake(z, codebook, eps, l2_normalize):
+        torch._check(z.dim() == 2 and codebook.dim() == 2, lambda: "z and codebook must be 2-D")
+        return z.new_empty((z.shape[0],), dtype=torch.int64)
+
+
 def quantize_forward_with_gap(
     z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from gsq_kernels import reference, spherical_init
+from gsq_kernels.lookup import lookup_vectors, nearest_code_float64
 from parity import assert_close_to_truth, assert_indices_match, gap_tolerance, separated_group_rows
+from sorted_cases import HARD_CASES, hard_codebook
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -42,6 +44,7 @@ def kernels(tmp_path_factory):
         "-pthread",
         "-DGSQ_CUDA_EMULATION",
         f"-I{ROOT / 'csrc' / 'cuda'}",
+        f"-I{ROOT / 'csrc'}",
         "-x",
         "c++",
         str(ROOT / "csrc" / "cuda" / "gsq_cuda_kernels.cu"),
@@ -58,6 +61,7 @@ def kernels(tmp_path_factory):
     lib.gsq_emulated_forward.argtypes = [ptr, cint, i64, cint, ptr, i64, dbl, dbl, cint, ptr, ptr, ptr]
     lib.gsq_emulated_backward.argtypes = [ptr, ptr, cint, ptr, ptr, ptr, i64, i64, cint, dbl, dbl, cint, ptr, ptr]
     lib.gsq_emulated_lookup.argtypes = [ptr, cint, i64, cint, ptr, i64, dbl, cint, ptr, ptr]
+    lib.gsq_emulated_sorted_search.argtypes = [ptr, i64, cint, ptr, i64, dbl, cint, ptr]
     lib.gsq_emulated_reset_records.argtypes = []
     lib.gsq_emulated_launches.argtypes = [ctypes.c_char_p, i64]
     lib.gsq_emulated_launches.restype = i64
@@ -419,3 +423,60 @@ def test_emulated_small_d_launch_gives_each_thread_several_rows(kernels):
     assert rows_per_thread >= 3
     warps_per_sm = 131_072 / rows_per_thread / 32 / 132
     assert 8 <= warps_per_sm <= 16
+
+
+# The sorted search (d <= 2) ------------------------------------------------------------------
+
+
+def emulated_sorted_search(lib, z, codebook, l2_normalize=True):
+    rows, dim = z.shape
+    indices = torch.full((rows,), -7, dtype=torch.int64)  # poisoned: every row must be written
+    z, codebook = z.float().contiguous(), codebook.float().contiguous()
+    status = lib.gsq_emulated_sorted_search(
+        z.data_ptr(), rows, dim, codebook.data_ptr(), codebook.shape[0], 1e-12, int(l2_normalize), indices.data_ptr()
+    )
+    assert status == 0
+    return indices
+
+
+def _oracle(z, codebook, l2_normalize=True):
+    return nearest_code_float64(*lookup_vectors(z, codebook, 1e-12, l2_normalize))
+
+
+@pytest.mark.parametrize("case", HARD_CASES)
+def test_sorted_search_hard_codebooks(kernels, case):
+    z, codebook = hard_codebook(case, small=True)
+    assert torch.equal(emulated_sorted_search(kernels, z, codebook), _oracle(z, codebook))
+
+
+@pytest.mark.parametrize("num_codes", [1, 2, 3, 11, 1000])
+@pytest.mark.parametrize("l2_normalize", [True, False])
+def test_sorted_search_d1(kernels, num_codes, l2_normalize):
+    torch.manual_seed(2)
+    codebook = torch.randn(num_codes, 1)
+    codebook[num_codes // 2] = codebook[0]
+    z = torch.cat([torch.randn(300, 1) * 2, codebook[:5] + 0.0, torch.tensor([[1e3], [-1e3], [0.0]])])
+    got = emulated_sorted_search(kernels, z, codebook, l2_normalize)
+    assert torch.equal(got, _oracle(z, codebook, l2_normalize))
+
+
+def test_sorted_search_random_rows_and_non_finite(kernels):
+    codebook = spherical_init(4099, 2)
+    codebook[[3, 50]] = float("nan")
+    z = torch.randn(700, 2)
+    z[[0, 5]] = float("inf")
+    got = emulated_sorted_search(kernels, z, codebook)
+    assert got[[0, 5]].tolist() == [0, 0]
+    finite = torch.isfinite(codebook).all(1)
+    expected = torch.arange(4099)[finite][_oracle(z, codebook[finite])]
+    assert torch.equal(got[2:5], expected[2:5]) and torch.equal(got[6:], expected[6:])
+
+
+def test_sorted_search_rejects_what_it_does_not_cover(kernels):
+    """d = 2 with l2 off has no angle to sort by; the launcher refuses it (the glue says why)."""
+    indices = torch.zeros(3, dtype=torch.int64)
+    z, codebook = torch.randn(3, 2), torch.randn(5, 2)
+    status = kernels.gsq_emulated_sorted_search(
+        z.data_ptr(), 3, 2, codebook.data_ptr(), 5, 1e-12, 0, indices.data_ptr()
+    )
+    assert status != 0

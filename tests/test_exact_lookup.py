@@ -4,8 +4,6 @@ The oracle (gsq_kernels.lookup.nearest_code_float64) ranks ||n - c^_j||^2 comput
 the fp32 vectors, first minimum = lowest index. lookup="dot" keeps the fp32 dot product.
 """
 
-import math
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ import gsq_kernels
 from gsq_kernels import lookup, nearest_code_indices, reference, spherical_init
 from gsq_kernels.lookup import lookup_vectors, nearest_code_float64, sorted_search
 from parity import triton_interpreted
+from sorted_cases import HARD_CASES, hard_codebook
 
 BACKENDS = [b for b in gsq_kernels.available_backends("cpu")]
 
@@ -176,42 +175,72 @@ def test_refinement_redecides_only_ambiguous_rows():
     assert rows.numel() == 0 and winners.numel() == 0
 
 
-@pytest.mark.parametrize("case", ["clustered", "short_codes", "wraparound", "tiny_rows", "few_codes"])
-def test_sorted_search_hard_codebooks(case):
-    torch.manual_seed(1)
-    if case == "clustered":  # many codes within 1e-6 rad: windows cannot prove their winner
-        angles = torch.cat([torch.randn(3000) * 1e-6, torch.rand(200) * 2 * math.pi])
-        codebook = torch.stack([angles.cos(), angles.sin()], 1)
-        z = torch.stack([torch.randn(500) * 1e-6, torch.zeros(500)], 1) + torch.tensor([1.0, 0.0])
-        z = torch.cat([z, torch.randn(500, 2)])
-    elif case == "short_codes":  # zero and near-zero codes (eps-clamped) next to unit ones
-        codebook = spherical_init(1000, 2)
-        codebook[[5, 17, 900]] = torch.tensor([[0.0, 0.0], [1e-13, 0.0], [0.0, 3e-13]])
-        z = torch.randn(2000, 2)
-        z[:3] = 0
-    elif case == "wraparound":  # codes and rows around angle +-pi
-        angles = math.pi - torch.rand(500) * 1e-3 * torch.tensor([1.0, -1.0]).repeat(250)
-        codebook = torch.stack([angles.cos(), angles.sin()], 1)
-        row_angles = math.pi + (torch.rand(1000) - 0.5) * 2e-3
-        z = torch.stack([row_angles.cos(), row_angles.sin()], 1)
-    elif case == "tiny_rows":  # rows shorter than eps: |n| < 1
-        codebook = spherical_init(4000, 2)
-        z = torch.randn(500, 2) * 1e-13
-    else:
-        codebook = spherical_init(3, 2)
-        z = torch.randn(500, 2)
-    vectors, codes = lookup_vectors(z, codebook, 1e-12, True)
-    assert torch.equal(sorted_search(vectors, codes), nearest_code_float64(vectors, codes))
+# The sorted search (d <= 2): lookup.py's, in torch ops (the reference backend, float64), and
+# each backend's kernel.
+SORTED_SEARCHES = ["torch"] + [b for b in BACKENDS if gsq_kernels.dispatch.BACKENDS[b].nearest_code_sorted is not None]
 
 
-@pytest.mark.parametrize("num_codes", [1, 2, 3, 9, 10, 11, 1000])
-def test_sorted_search_d1(num_codes):
+def _sorted_search(implementation: str, z: torch.Tensor, codebook: torch.Tensor, l2_normalize: bool = True):
+    if implementation == "torch":
+        return sorted_search(*lookup_vectors(z, codebook, 1e-12, l2_normalize))
+    kernel = gsq_kernels.dispatch.BACKENDS[implementation].nearest_code_sorted
+    return kernel(z, codebook, 1e-12, l2_normalize)
+
+
+@pytest.mark.parametrize("implementation", SORTED_SEARCHES)
+@pytest.mark.parametrize("case", HARD_CASES)
+def test_sorted_search_hard_codebooks(implementation, case):
+    z, codebook = hard_codebook(case)
+    expected = nearest_code_float64(*lookup_vectors(z, codebook, 1e-12, True))
+    assert torch.equal(_sorted_search(implementation, z, codebook), expected)
+
+
+@pytest.mark.parametrize("implementation", SORTED_SEARCHES)
+@pytest.mark.parametrize("num_codes", [1, 2, 3, 9, 10, 11, 1000, 70_000])
+def test_sorted_search_d1(implementation, num_codes):
+    torch.manual_seed(2)
     codebook = torch.randn(num_codes, 1)
     codebook[num_codes // 2] = codebook[0]  # a duplicate value
-    z = torch.cat([torch.randn(800, 1) * 2, codebook[:5] + 0.0])  # rows on codes: exact ties of value
+    codebook[num_codes // 3 :: 7] = codebook[num_codes // 3].clone()  # a crowded value
+    rows_on_codes = codebook[:5] + 0.0  # exact ties of value
+    z = torch.cat([torch.randn(800, 1) * 2, rows_on_codes, torch.tensor([[1e3], [-1e3], [0.0], [1e-13]])])
     for l2_normalize in (True, False):
-        vectors, codes = lookup_vectors(z, codebook, 1e-12, l2_normalize)
-        assert torch.equal(sorted_search(vectors, codes), nearest_code_float64(vectors, codes))
+        expected = nearest_code_float64(*lookup_vectors(z, codebook, 1e-12, l2_normalize))
+        assert torch.equal(_sorted_search(implementation, z, codebook, l2_normalize), expected)
+
+
+@pytest.mark.parametrize("implementation", SORTED_SEARCHES[1:])
+@pytest.mark.parametrize("d", [1, 2])
+def test_sorted_kernel_non_finite_inputs(implementation, d):
+    """Rows holding NaN/inf get index 0; NaN/inf codes are never chosen (check_finite=False)."""
+    codebook = spherical_init(5000, d)
+    codebook[[3, 4000]] = float("nan")
+    codebook[10, 0] = float("inf")
+    z = torch.randn(400, d)
+    z[[0, 7]] = float("nan")
+    z[9, -1] = float("-inf")
+    got = _sorted_search(implementation, z, codebook)
+    assert got[[0, 7, 9]].tolist() == [0, 0, 0]
+    assert not bool(torch.isin(got, torch.tensor([3, 4000, 10])).any())
+    finite = torch.ones(5000, dtype=torch.bool)
+    finite[[3, 4000, 10]] = False
+    expected = torch.arange(5000)[finite][nearest_code_float64(*lookup_vectors(z, codebook[finite], 1e-12, True))]
+    keep = torch.ones(400, dtype=torch.bool)
+    keep[[0, 7, 9]] = False
+    assert torch.equal(got[keep], expected[keep])
+    all_nan = torch.full((4, d), float("nan"))
+    assert _sorted_search(implementation, z[1:4], all_nan).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("implementation", SORTED_SEARCHES[1:])
+def test_sorted_kernel_arguments_are_checked(implementation):
+    kernel = gsq_kernels.dispatch.BACKENDS[implementation].nearest_code_sorted
+    with pytest.raises(RuntimeError, match="covers d = 1, and d = 2 with l2 on"):
+        kernel(torch.randn(4, 3), torch.randn(5, 3), 1e-12, True)
+    with pytest.raises(RuntimeError, match="covers d = 1, and d = 2 with l2 on"):
+        kernel(torch.randn(4, 2), torch.randn(5, 2), 1e-12, False)
+    with pytest.raises(RuntimeError, match="float64 is looked up by"):
+        kernel(torch.randn(4, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64), 1e-12, True)
 
 
 def test_oracle_is_memory_bounded():

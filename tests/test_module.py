@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gsq_kernels import GroupedSphericalQuantizer, usage_perplexity
+from gsq_kernels.lookup import lookup_l2
 from parity import backends_for
 
 BACKENDS = ["reference"] + backends_for("cpu")
@@ -146,8 +147,9 @@ def test_zero_vectors(backend, lookup):
     z[1, 2, 2:4] = 0
     z.requires_grad_()
     out = quantizer(z)
-    norms = (quantizer.codebook.detach() / quantizer.codebook.detach().norm(dim=1, keepdim=True)).double()
-    expected = int(norms.square().sum(1).argmin()) if lookup == "exact" else 0
+    # The lookup's normalized codes (norm taken in float64, docs/spec.md "Lookup").
+    codes = lookup_l2(quantizer.codebook.detach(), 1e-12).double()
+    expected = int(codes.square().sum(1).argmin()) if lookup == "exact" else 0
     assert out.indices[0, 1].tolist() == [expected] * 3
     assert out.indices[1, 2, 1].item() == expected
     (out.quantized.sum() + out.loss).backward()

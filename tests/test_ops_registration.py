@@ -38,6 +38,15 @@ def test_opcheck_nearest_code():
         torch.library.opcheck(torch.ops.gsq.nearest_code.default, (z, codebook, 1e-12, True))
 
 
+@pytest.mark.parametrize("d, l2_normalize", [(1, True), (1, False), (2, True)])
+def test_opcheck_nearest_code_sorted(d, l2_normalize):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows, codes in ((37, 19), (5, 3), (0, 5), (300, 70_000)):
+            z = torch.randn(rows, d).to(dtype)
+            codebook = torch.randn(codes, d)
+            torch.library.opcheck(torch.ops.gsq.nearest_code_sorted.default, (z, codebook, 1e-12, l2_normalize))
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("layout", ["image", "sequence"])
 def test_torch_compile_fullgraph(backend, layout):

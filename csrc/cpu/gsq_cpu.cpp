@@ -9,15 +9,18 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gsq_cpu_kernels.h"
+#include "gsq_cpu_sorted_search.h"
 
 namespace gsq_cpu {
 namespace {
@@ -258,6 +261,126 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_with_gap_cpu(const at::Tensor& z
   return {indices, gap};
 }
 
+// The exact lookup for d = 1, or d = 2 with l2 on: see gsq_cpu_sorted_search.h. Chunks of codes
+// are classified and placed one per thread; rows are searched in parallel.
+class SortedSearch {
+ public:
+  SortedSearch(const at::Tensor& codebook, double eps, bool l2_normalize) : codebook_(codebook) {
+    s_.codebook = codebook.data_ptr<float>();
+    s_.num_codes = codebook.size(0);
+    s_.dim = static_cast<int>(codebook.size(1));
+    s_.l2_normalize = l2_normalize;
+    s_.eps = static_cast<float>(eps);
+    // One chunk of codes per thread, none smaller than 16k codes (each has its own counts).
+    chunks_ = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s_.num_codes / 16384));
+    float low = 0, high = 0;
+    if (s_.dim == 1) {
+      std::vector<float> lows(chunks_), highs(chunks_);
+      for_chunks([&](int64_t t, int64_t first, int64_t last) {
+        sorted_key_range(s_, first, last, &lows[t], &highs[t]);
+      });
+      low = *std::min_element(lows.begin(), lows.end());
+      high = *std::max_element(highs.begin(), highs.end());
+    }
+    sorted_choose_buckets(s_, low, high);
+    const int64_t slots = s_.num_buckets + 1;
+    const auto options = codebook.options();
+    const auto longs = options.dtype(at::kLong), ints = options.dtype(at::kInt);
+    built_ = at::empty({slots + 1}, options.dtype(at::kByte));
+    built_list_ = at::empty({slots}, ints);
+    chunk_counts_ = at::empty({chunks_ * (slots + 1)}, longs);
+    selected_ = at::empty({s_.num_codes}, ints);
+    selected_bucket_ = at::empty({s_.num_codes}, ints);
+    selected_codes_ = at::empty({s_.num_codes * s_.dim}, options);
+    selected_count_ = at::empty({chunks_}, longs);
+    bucket_start_ = at::empty({slots}, longs);
+    bucket_end_ = at::empty({slots}, longs);
+    members_ = at::empty({s_.num_codes}, ints);
+    member_codes_ = at::empty({s_.num_codes * s_.dim}, options);
+    s_.built = built_.data_ptr<uint8_t>();
+    s_.built_list = built_list_.data_ptr<int32_t>();
+    s_.num_built = &num_built_;
+    s_.chunk_counts = chunk_counts_.data_ptr<int64_t>();
+    s_.selected = selected_.data_ptr<int32_t>();
+    s_.selected_bucket = selected_bucket_.data_ptr<int32_t>();
+    s_.selected_codes = selected_codes_.data_ptr<float>();
+    s_.selected_count = selected_count_.data_ptr<int64_t>();
+    s_.bucket_start = bucket_start_.data_ptr<int64_t>();
+    s_.bucket_end = bucket_end_.data_ptr<int64_t>();
+    s_.members = members_.data_ptr<int32_t>();
+    s_.member_codes = member_codes_.data_ptr<float>();
+  }
+
+  // Buckets the codes near the rows of z (every code when every_bucket is set).
+  void build(const float* z, int64_t num_rows, bool every_bucket) {
+    sorted_mark_rows(s_, z, num_rows, every_bucket);
+    for_chunks(
+        [&](int64_t t, int64_t first, int64_t last) { sorted_select_chunk(s_, t, first, last); });
+    sorted_bucket_offsets(s_, chunks_);
+    for_chunks([&](int64_t t, int64_t first, int64_t) { sorted_fill_chunk(s_, t, first); });
+    at::parallel_for(0, num_built_, 4096,
+                     [&](int64_t begin, int64_t end) { sorted_finish_buckets(s_, begin, end); });
+  }
+
+  void search(const float* z, int64_t begin, int64_t end, int64_t* indices) const {
+    at::parallel_for(begin, end, 256, [&](int64_t first, int64_t last) {
+      sorted_search_rows(s_, z, first, last, indices);
+    });
+  }
+
+ private:
+  template <typename F>
+  void for_chunks(const F& body) {
+    const int64_t num_codes = s_.num_codes, chunks = chunks_;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        body(t, t * num_codes / chunks, (t + 1) * num_codes / chunks);
+      }
+    });
+  }
+
+  at::Tensor codebook_;
+  SortedCodes s_{};
+  int64_t chunks_ = 1;
+  int64_t num_built_ = 0;
+  at::Tensor built_, built_list_, chunk_counts_, selected_, selected_bucket_, selected_codes_,
+      selected_count_;
+  at::Tensor bucket_start_, bucket_end_, members_, member_codes_;
+};
+
+at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebook, double eps,
+                                   bool l2_normalize) {
+  const char* op = "gsq::nearest_code_sorted";
+  check_z_and_codebook(op, z, codebook);
+  const int64_t dim = z.size(1);
+  TORCH_CHECK(dim == 1 || (dim == 2 && l2_normalize), op,
+              ": the sorted search covers d = 1, and d = 2 with l2 on; got d=", dim,
+              " with l2_normalize=", l2_normalize);
+  TORCH_CHECK(compute_dtype(z) == at::kFloat, op, ": z must be float32, float16 or bfloat16, got ",
+              z.scalar_type(), " (float64 is looked up by gsq_kernels.lookup.sorted_search)");
+  TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max(), op, ": V=", codebook.size(0),
+              " exceeds the sorted search's limit of ", std::numeric_limits<int32_t>::max());
+  const at::Tensor zc = z.to(at::kFloat).contiguous();
+  const int64_t rows = z.size(0);
+  at::Tensor indices = at::empty({rows}, z.options().dtype(at::kLong));
+  if (rows == 0) return indices;
+  const float* z_ptr = zc.data_ptr<float>();
+  int64_t* out = indices.data_ptr<int64_t>();
+  SortedSearch search(codebook.contiguous(), eps, l2_normalize);
+  search.build(z_ptr, rows, /*every_bucket=*/false);
+  search.search(z_ptr, 0, rows, out);
+  // Rows whose search reached an unbuilt bucket (rare: no code near them): again, over all codes.
+  std::vector<int64_t> again;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (out[i] < 0) again.push_back(i);
+  }
+  if (!again.empty()) {
+    search.build(z_ptr, rows, /*every_bucket=*/true);
+    for (const int64_t i : again) search.search(z_ptr, i, i + 1, out);
+  }
+  return indices;
+}
+
 template <typename T>
 void run_backward(const at::Tensor& grad_quantized, const at::Tensor& grad_loss_rows,
                   const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& indices,
@@ -277,14 +400,19 @@ void run_backward(const at::Tensor& grad_quantized, const at::Tensor& grad_loss_
     backward_z_rows<T>(z_ptr, gq_ptr, gl_ptr, cb_ptr, idx_ptr, dim, static_cast<T>(beta),
                        static_cast<T>(eps), l2_normalize, begin, end, gz_ptr);
   });
-  at::Tensor bucket_start = at::empty({num_codes + 1}, indices.options());
+  // Only the codes some row chose have a non-zero gradient: O(N) work past zeroing the rest.
+  grad_codebook.zero_();
   at::Tensor rows_by_code = at::empty({num_rows}, indices.options());
-  int64_t* start_ptr = bucket_start.data_ptr<int64_t>();
+  at::Tensor used_codes = at::empty({num_rows}, indices.options());
+  at::Tensor group_start = at::empty({num_rows + 1}, indices.options());
   int64_t* rows_ptr = rows_by_code.data_ptr<int64_t>();
-  bucket_rows_by_code(idx_ptr, num_rows, num_codes, start_ptr, rows_ptr);
-  at::parallel_for(0, num_codes, 256, [&](int64_t begin, int64_t end) {
-    codebook_grad_codes<T>(z_ptr, gl_ptr, cb_ptr, start_ptr, rows_ptr, dim, static_cast<T>(eps),
-                           l2_normalize, begin, end, gc_ptr);
+  int64_t* used_ptr = used_codes.data_ptr<int64_t>();
+  int64_t* start_ptr = group_start.data_ptr<int64_t>();
+  const int64_t groups =
+      group_rows_by_code(idx_ptr, num_rows, num_codes, rows_ptr, used_ptr, start_ptr);
+  at::parallel_for(0, groups, 64, [&](int64_t begin, int64_t end) {
+    codebook_grad_codes<T>(z_ptr, gl_ptr, cb_ptr, used_ptr, start_ptr, rows_ptr, dim,
+                           static_cast<T>(eps), l2_normalize, begin, end, gc_ptr);
   });
 }
 
@@ -321,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(const at::Tensor& grad_
     }
   }
   at::Tensor grad_z = at::empty(z.sizes(), z.options().dtype(compute));
-  at::Tensor grad_codebook = at::empty(codebook.sizes(), codebook.options());
+  at::Tensor grad_codebook = at::empty(codebook.sizes(), codebook.options());  // zeroed there
   if (compute == at::kDouble) {
     run_backward<double>(gq, gl, zc, cb, idx, beta, eps, l2_normalize, grad_z, grad_codebook);
   } else {
@@ -339,6 +467,7 @@ TORCH_LIBRARY_IMPL(gsq, CPU, m) {
   m.impl("nearest_code", &gsq_cpu::nearest_code_cpu);
   m.impl("nearest_code_with_gap", &gsq_cpu::nearest_code_with_gap_cpu);
   m.impl("quantize_forward_with_gap", &gsq_cpu::quantize_forward_with_gap_cpu);
+  m.impl("nearest_code_sorted", &gsq_cpu::nearest_code_sorted_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(gsq, m) {

@@ -1,5 +1,7 @@
 // The CPU kernels for any CPU the compiler targets by default (SSE2 on x86-64, NEON on arm64),
 // the float64 path (used by gradcheck), and the backward, which is O(N d) and memory-bound.
+#include <algorithm>
+#include <utility>
 #include <vector>  // safe here: this file is built for the default target (see gsq_cpu_kernels.h)
 
 #include "gsq_cpu_kernels.h"
@@ -51,39 +53,59 @@ void backward_z_rows(const T* z, const T* grad_quantized, const T* grad_loss_row
   }
 }
 
-void bucket_rows_by_code(const int64_t* indices, index_t num_rows, index_t num_codes,
-                         int64_t* bucket_start, int64_t* rows_by_code) {
-  for (index_t j = 0; j <= num_codes; ++j) bucket_start[j] = 0;
-  for (index_t i = 0; i < num_rows; ++i) bucket_start[indices[i] + 1] += 1;
-  for (index_t j = 0; j < num_codes; ++j) bucket_start[j + 1] += bucket_start[j];
-  // Filled in increasing row order, so each bucket lists its rows in increasing order; the fill
-  // cursor is bucket_start shifted by one, restored by the second loop below.
-  for (index_t i = 0; i < num_rows; ++i) rows_by_code[bucket_start[indices[i]]++] = i;
-  for (index_t j = num_codes; j > 0; --j) bucket_start[j] = bucket_start[j - 1];
-  bucket_start[0] = 0;
+index_t group_rows_by_code(const int64_t* indices, index_t num_rows, index_t num_codes,
+                           int64_t* rows_by_code, int64_t* used_codes, int64_t* group_start) {
+  index_t groups = 0;
+  if (num_rows * 8 < num_codes) {
+    // Few rows: sort them by (code, row), no pass over the codebook.
+    std::vector<std::pair<int64_t, int64_t>> pairs(num_rows);
+    for (index_t i = 0; i < num_rows; ++i) pairs[i] = {indices[i], i};
+    std::sort(pairs.begin(), pairs.end());
+    for (index_t p = 0; p < num_rows; ++p) {
+      rows_by_code[p] = pairs[p].second;
+      if (p == 0 || pairs[p].first != pairs[p - 1].first) {
+        used_codes[groups] = pairs[p].first;
+        group_start[groups++] = p;
+      }
+    }
+  } else {
+    // A counting sort over the codes, filled in increasing row order.
+    std::vector<int64_t> start(num_codes + 1, 0);
+    for (index_t i = 0; i < num_rows; ++i) start[indices[i] + 1] += 1;
+    for (index_t j = 0; j < num_codes; ++j) {
+      if (start[j + 1] > 0) {
+        used_codes[groups] = j;
+        group_start[groups++] = start[j];
+      }
+      start[j + 1] += start[j];
+    }
+    for (index_t i = 0; i < num_rows; ++i) rows_by_code[start[indices[i]]++] = i;
+  }
+  group_start[groups] = num_rows;
+  return groups;
 }
 
 template <typename T>
 void codebook_grad_codes(const T* z, const T* grad_loss_rows, const T* codebook,
-                         const int64_t* bucket_start, const int64_t* rows_by_code, int dim, T eps,
-                         bool l2_normalize, index_t code_begin, index_t code_end,
-                         T* grad_codebook) {
+                         const int64_t* used_codes, const int64_t* group_start,
+                         const int64_t* rows_by_code, int dim, T eps, bool l2_normalize,
+                         index_t group_begin, index_t group_end, T* grad_codebook) {
   // dL/dC_j = 2 * (sum_i w_i) * c_j - 2 * sum_i w_i n_i, accumulated in double.
   const index_t d = dim;
   std::vector<double> weighted_n(d);
   std::vector<T> n(d);
-  for (index_t j = code_begin; j < code_end; ++j) {
+  for (index_t g = group_begin; g < group_end; ++g) {
     double weight_sum = 0;
     for (index_t k = 0; k < d; ++k) weighted_n[k] = 0;
-    for (int64_t p = bucket_start[j]; p < bucket_start[j + 1]; ++p) {
+    for (int64_t p = group_start[g]; p < group_start[g + 1]; ++p) {
       const int64_t row = rows_by_code[p];
       const double w = grad_loss_rows[row];
       generic::normalize_row(z + row * d, d, eps, l2_normalize, n.data());
       weight_sum += w;
       for (index_t k = 0; k < d; ++k) weighted_n[k] += w * n[k];
     }
-    const T* code = codebook + j * d;
-    T* out = grad_codebook + j * d;
+    const T* code = codebook + used_codes[g] * d;
+    T* out = grad_codebook + used_codes[g] * d;
     for (index_t k = 0; k < d; ++k) {
       out[k] = static_cast<T>(2.0 * (weight_sum * code[k] - weighted_n[k]));
     }
@@ -97,10 +119,10 @@ template void backward_z_rows<double>(const double*, const double*, const double
                                       const int64_t*, int, double, double, bool, index_t, index_t,
                                       double*);
 template void codebook_grad_codes<float>(const float*, const float*, const float*, const int64_t*,
-                                         const int64_t*, int, float, bool, index_t, index_t,
-                                         float*);
+                                         const int64_t*, const int64_t*, int, float, bool, index_t,
+                                         index_t, float*);
 template void codebook_grad_codes<double>(const double*, const double*, const double*,
-                                          const int64_t*, const int64_t*, int, double, bool,
-                                          index_t, index_t, double*);
+                                          const int64_t*, const int64_t*, const int64_t*, int,
+                                          double, bool, index_t, index_t, double*);
 
 }  // namespace gsq_cpu

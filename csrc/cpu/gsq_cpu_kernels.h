@@ -80,15 +80,23 @@ void backward_z_rows(const T* z, const T* grad_quantized, const T* grad_loss_row
                      bool l2_normalize, index_t row_begin, index_t row_end, T* grad_z);
 
 // dL/dC_j = sum over rows i with idx_i = j of 2 w_i (c_j - n_i), without races and in a fixed
-// order: rows are bucketed by code with a counting sort (bucket_rows_by_code, serial, O(N + V)),
-// then each code sums its own rows in increasing row order (codebook_grad_codes, parallel over
-// codes). The result is bitwise deterministic whatever the thread count.
-void bucket_rows_by_code(const int64_t* indices, index_t num_rows, index_t num_codes,
-                         int64_t* bucket_start /* num_codes + 1 */, int64_t* rows_by_code);
+// order: rows are grouped by code (group_rows_by_code, serial), then each code that some row
+// chose sums its rows in increasing row order (codebook_grad_codes, parallel over those codes);
+// the other codes' gradients are zero. The result is bitwise deterministic whatever the thread
+// count.
+//
+// group_rows_by_code: rows_by_code lists the rows ordered by (code, row); the g-th distinct code
+// is used_codes[g], its rows rows_by_code[group_start[g], group_start[g + 1]). Returns the number
+// of distinct codes. O(N log N) when N is small against V, else a counting sort, O(N + V).
+index_t group_rows_by_code(const int64_t* indices, index_t num_rows, index_t num_codes,
+                           int64_t* rows_by_code, int64_t* used_codes,
+                           int64_t* group_start /* num_rows + 1 */);
 
+// The gradient rows of codes used_codes[group_begin, group_end); the other rows are left alone.
 template <typename T>
 void codebook_grad_codes(const T* z, const T* grad_loss_rows, const T* codebook,
-                         const int64_t* bucket_start, const int64_t* rows_by_code, int dim, T eps,
-                         bool l2_normalize, index_t code_begin, index_t code_end, T* grad_codebook);
+                         const int64_t* used_codes, const int64_t* group_start,
+                         const int64_t* rows_by_code, int dim, T eps, bool l2_normalize,
+                         index_t group_begin, index_t group_end, T* grad_codebook);
 
 }  // namespace gsq_cpu

@@ -173,6 +173,34 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_with_gap_cuda(const at::Tensor& 
   return {indices, gap};
 }
 
+// The exact lookup for d = 1, and d = 2 with l2 on (gsq_cuda_kernels.h: sorted_search).
+at::Tensor nearest_code_sorted_cuda(const at::Tensor& z_in, const at::Tensor& codebook_in,
+                                    double eps, bool l2_normalize) {
+  const char* op = "gsq::nearest_code_sorted";
+  check_z_and_codebook(op, z_in, codebook_in);
+  const int64_t dim = z_in.size(1);
+  TORCH_CHECK(dim == 1 || (dim == 2 && l2_normalize), op,
+              ": the sorted search covers d = 1, and d = 2 with l2 on; got d=", dim,
+              " with l2_normalize=", l2_normalize);
+  TORCH_CHECK(compute_dtype(z_in) == at::kFloat, op,
+              ": z must be float32, float16 or bfloat16, got ", z_in.scalar_type(),
+              " (float64 is looked up by gsq_kernels.lookup.sorted_search)");
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor z = z_in.to(at::kFloat).contiguous();
+  const at::Tensor codebook = codebook_in.contiguous();
+  const int64_t num_codes = codebook.size(0);
+  at::Tensor indices = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  if (z.size(0) == 0) return indices;
+  const size_t bytes = sorted_search_workspace_bytes(num_codes, static_cast<int>(dim));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, z.options().dtype(at::kByte));
+  check_launch(
+      sorted_search(z.data_ptr<float>(), z.size(0), static_cast<int>(dim),
+                    codebook.data_ptr<float>(), num_codes, eps, l2_normalize, workspace.data_ptr(),
+                    bytes, indices.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
+      "sorted_search");
+  return indices;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad_quantized_in,
                                                           const at::Tensor& grad_loss_rows_in,
                                                           const at::Tensor& z_in,
@@ -214,4 +242,5 @@ TORCH_LIBRARY_IMPL(gsq, CUDA, m) {
   m.impl("nearest_code", &gsq_cuda::nearest_code_cuda);
   m.impl("nearest_code_with_gap", &gsq_cuda::nearest_code_with_gap_cuda);
   m.impl("quantize_forward_with_gap", &gsq_cuda::quantize_forward_with_gap_cuda);
+  m.impl("nearest_code_sorted", &gsq_cuda::nearest_code_sorted_cuda);
 }

@@ -62,6 +62,8 @@
 
 #include <math.h>
 
+#include "gsq_sorted_search.h"
+
 #if !defined(GSQ_CUDA_EMULATION)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -1032,6 +1034,150 @@ cudaError_t backward_typed(const scalar_t* z, const scalar_t* grad_quantized,
                        static_cast<acc_t*>(grad_codebook), stream);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The exact lookup for d = 1, and d = 2 with l2 on (gsq_sorted_search.h holds the keys, the
+// search and its proof): the codes are radix-sorted by bucket (cub; stable, so each bucket lists
+// its codes in increasing index order), each bucket located by binary search, then one thread
+// searches each row. Every bucket is built (rows are many on a GPU); duplicates are not dropped,
+// so a row next to a crowded bucket scans it whole.
+
+// d = 1: range = {min, max} of the finite codes' keys c^. One block.
+__global__ void sorted_key_range_kernel(const float* codebook, int64_t num_codes, bool l2_normalize,
+                                        float eps, float* range) {
+  __shared__ float low[kThreadsPerRowKernel];
+  __shared__ float high[kThreadsPerRowKernel];
+  float lo = INFINITY, hi = -INFINITY;
+  for (int64_t j = threadIdx.x; j < num_codes; j += blockDim.x) {
+    float key;
+    gsq_sorted::lookup_vector(codebook + j, 1, l2_normalize, eps, &key);
+    if (codebook[j] - codebook[j] == 0) {  // finite
+      lo = fminf(lo, key);
+      hi = fmaxf(hi, key);
+    }
+  }
+  low[threadIdx.x] = lo;
+  high[threadIdx.x] = hi;
+  __syncthreads();
+  for (int step = kThreadsPerRowKernel / 2; step > 0; step /= 2) {
+    if (static_cast<int>(threadIdx.x) < step) {
+      low[threadIdx.x] = fminf(low[threadIdx.x], low[threadIdx.x + step]);
+      high[threadIdx.x] = fmaxf(high[threadIdx.x], high[threadIdx.x + step]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    range[0] = low[0];
+    range[1] = high[0];
+  }
+}
+
+__device__ __forceinline__ gsq_sorted::BucketMap sorted_bucket_map(int dim, int64_t num_codes,
+                                                                   const float* range) {
+  return gsq_sorted::bucket_map(dim, num_codes, dim == 1 ? range[0] : 0.0f,
+                                dim == 1 ? range[1] : 0.0f);
+}
+
+// keys[j] = the bucket of code j (num_buckets: short, num_buckets + 1: NaN/inf), codes[j] = j.
+__global__ void sorted_code_keys_kernel(const float* codebook, int64_t num_codes, int dim,
+                                        bool l2_normalize, float eps, const float* range,
+                                        unsigned long long* keys, int64_t* codes) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= num_codes) return;
+  const gsq_sorted::BucketMap map = sorted_bucket_map(dim, num_codes, range);
+  const int32_t last = static_cast<int32_t>(map.num_buckets - 1);
+  const int32_t bucket = dim == 2 ? gsq_sorted::code_bucket_2d(codebook[2 * j], codebook[2 * j + 1],
+                                                               gsq_sorted::long_code_norm_sq(eps),
+                                                               static_cast<float>(map.scale), last)
+                                  : gsq_sorted::code_bucket_1d(codebook[j], l2_normalize, eps,
+                                                               map.origin, map.scale, last);
+  keys[j] = static_cast<unsigned long long>(bucket);
+  codes[j] = j;
+}
+
+// members[p] = the p-th code in bucket order, member_codes[p] = its c^.
+__global__ void sorted_members_kernel(const float* codebook, int64_t num_codes, int dim,
+                                      bool l2_normalize, float eps, const int64_t* sorted_codes,
+                                      int32_t* members, float* member_codes) {
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p >= num_codes) return;
+  const int64_t j = sorted_codes[p];
+  members[p] = static_cast<int32_t>(j);
+  gsq_sorted::lookup_vector(codebook + j * dim, dim, l2_normalize, eps, member_codes + p * dim);
+}
+
+// indices[i] = the exact nearest code of row i; 0 for a row holding NaN/inf.
+__global__ void sorted_search_kernel(const float* z, int64_t num_rows, int dim, bool l2_normalize,
+                                     float eps, int64_t num_codes, const float* range,
+                                     const int64_t* bucket_start, const int32_t* members,
+                                     const float* member_codes, int64_t* indices) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= num_rows) return;
+  const gsq_sorted::BucketMap map = sorted_bucket_map(dim, num_codes, range);
+  // Bucket b ends where bucket b + 1 starts: nothing is dropped.
+  const gsq_sorted::SortedView view{dim,       map.num_buckets, map.origin,
+                                    map.scale, bucket_start,    bucket_start + 1,
+                                    members,   member_codes,    nullptr};
+  const float* row = z + i * dim;
+  float n_hat[2] = {0.0f, 0.0f};
+  gsq_sorted::lookup_vector(row, dim, l2_normalize, eps, n_hat);
+  const float x = row[0], y = row[dim - 1];
+  if (!((x - x) + (y - y) == 0) ||
+      !((n_hat[0] - n_hat[0]) + (n_hat[dim - 1] - n_hat[dim - 1]) == 0)) {
+    indices[i] = 0;
+    return;
+  }
+  const double n[2] = {n_hat[0], n_hat[dim - 1]};
+  gsq_sorted::Best best{HUGE_VAL, INT64_MAX};
+  gsq_sorted::scan_bucket(view, map.num_buckets, n, best);  // the short codes
+  gsq_sorted::search_row(view, n, best);                    // every bucket is built: never gives up
+  indices[i] = best.index == INT64_MAX ? 0 : best.index;
+}
+
+struct SortedWorkspace {
+  unsigned long long* keys;
+  unsigned long long* sorted_keys;
+  int64_t* codes;
+  int64_t* sorted_codes;
+  int64_t* bucket_start;  // most buckets + 2
+  int32_t* members;
+  float* member_codes;
+  float* range;
+  void* sort_scratch;
+  size_t sort_scratch_bytes;
+  size_t total_bytes;
+};
+
+// The most buckets V codes can have (d = 1 may use one).
+int64_t sorted_max_buckets(int64_t num_codes) {
+  return gsq_sorted::bucket_map(2, num_codes, 0.0f, 0.0f).num_buckets;
+}
+
+SortedWorkspace carve_sorted_workspace(void* base, int64_t num_codes, int dim) {
+  SortedWorkspace w{};
+  char* p = static_cast<char*>(base);
+  size_t offset = 0;
+  auto take = [&](size_t bytes) {
+    char* out = p == nullptr ? nullptr : p + offset;
+    offset += align_up(bytes);
+    return out;
+  };
+  const size_t codes = static_cast<size_t>(num_codes);
+  w.keys = reinterpret_cast<unsigned long long*>(take(codes * 8));
+  w.sorted_keys = reinterpret_cast<unsigned long long*>(take(codes * 8));
+  w.codes = reinterpret_cast<int64_t*>(take(codes * 8));
+  w.sorted_codes = reinterpret_cast<int64_t*>(take(codes * 8));
+  w.bucket_start =
+      reinterpret_cast<int64_t*>(take(static_cast<size_t>(sorted_max_buckets(num_codes) + 2) * 8));
+  w.members = reinterpret_cast<int32_t*>(take(codes * 4));
+  w.member_codes = reinterpret_cast<float*>(take(codes * dim * 4));
+  w.range = reinterpret_cast<float*>(take(2 * 4));
+  // The keys are buckets in [0, most buckets + 1].
+  w.sort_scratch_bytes = sort_scratch_bytes(num_codes, sorted_max_buckets(num_codes) + 2);
+  w.sort_scratch = take(w.sort_scratch_bytes);
+  w.total_bytes = offset;
+  return w;
+}
+
 }  // namespace
 
 cudaError_t prepare_codebook(const void* codebook, bool is_double, int64_t num_codes, int dim,
@@ -1154,6 +1300,67 @@ cudaError_t backward(const void* z, const void* grad_quantized, DType dtype,
                             static_cast<double*>(grad_z), grad_codebook, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+bool sorted_search_supports(int64_t num_codes, int dim) {
+  return num_codes >= 1 && num_codes <= INT32_MAX && (dim == 1 || dim == 2);
+}
+
+size_t sorted_search_workspace_bytes(int64_t num_codes, int dim) {
+  return carve_sorted_workspace(nullptr, num_codes, dim).total_bytes;
+}
+
+cudaError_t sorted_search(const float* z, int64_t num_rows, int dim, const float* codebook,
+                          int64_t num_codes, double eps, bool l2_normalize, void* workspace,
+                          size_t workspace_bytes, int64_t* indices, cudaStream_t stream) {
+  if (!sorted_search_supports(num_codes, dim) || (dim == 2 && !l2_normalize) ||
+      workspace_bytes < sorted_search_workspace_bytes(num_codes, dim)) {
+    return cudaErrorInvalidValue;
+  }
+  if (num_rows == 0) return cudaSuccess;
+  const SortedWorkspace w = carve_sorted_workspace(workspace, num_codes, dim);
+  const float eps_f = static_cast<float>(eps);
+  if (dim == 1) {
+    auto* key_range = &sorted_key_range_kernel;
+    GSQ_LAUNCH(key_range, 1, kThreadsPerRowKernel, stream, codebook, num_codes, l2_normalize, eps_f,
+               w.range);
+  }
+  auto* code_keys = &sorted_code_keys_kernel;
+  GSQ_LAUNCH(code_keys, blocks_for(num_codes, kThreadsPerRowKernel), kThreadsPerRowKernel, stream,
+             codebook, num_codes, dim, l2_normalize, eps_f, w.range, w.keys, w.codes);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  const int64_t max_buckets = sorted_max_buckets(num_codes);
+#if defined(GSQ_CUDA_EMULATION)
+  // Emulation: the stable sort cub's radix sort performs, on the host.
+  std::vector<std::pair<unsigned long long, int64_t>> pairs(num_codes);
+  for (int64_t j = 0; j < num_codes; ++j) pairs[j] = {w.keys[j], w.codes[j]};
+  std::stable_sort(pairs.begin(), pairs.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (int64_t j = 0; j < num_codes; ++j) {
+    w.sorted_keys[j] = pairs[j].first;
+    w.sorted_codes[j] = pairs[j].second;
+  }
+#else
+  size_t bytes = w.sort_scratch_bytes;
+  status = cub::DeviceRadixSort::SortPairs(w.sort_scratch, bytes, w.keys, w.sorted_keys, w.codes,
+                                           w.sorted_codes, static_cast<int>(num_codes), 0,
+                                           key_bits(max_buckets + 2), stream);
+  if (status != cudaSuccess) return status;
+#endif
+  auto* starts = &bucket_start_kernel;
+  GSQ_LAUNCH(starts, blocks_for(max_buckets + 2, kThreadsPerRowKernel), kThreadsPerRowKernel,
+             stream, reinterpret_cast<const int64_t*>(w.sorted_keys), num_codes, max_buckets + 1,
+             w.bucket_start);
+  auto* members = &sorted_members_kernel;
+  GSQ_LAUNCH(members, blocks_for(num_codes, kThreadsPerRowKernel), kThreadsPerRowKernel, stream,
+             codebook, num_codes, dim, l2_normalize, eps_f, w.sorted_codes, w.members,
+             w.member_codes);
+  auto* search = &sorted_search_kernel;
+  GSQ_LAUNCH(search, blocks_for(num_rows, kThreadsPerRowKernel), kThreadsPerRowKernel, stream, z,
+             num_rows, dim, l2_normalize, eps_f, num_codes, w.range, w.bucket_start, w.members,
+             w.member_codes, indices);
+  return cudaGetLastError();
 }
 
 }  // namespace gsq_cuda

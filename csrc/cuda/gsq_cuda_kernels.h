@@ -60,4 +60,14 @@ cudaError_t backward(const void* z, const void* grad_quantized, DType dtype,
                      bool l2_normalize, void* workspace, size_t workspace_bytes, void* grad_z,
                      void* grad_codebook, cudaStream_t stream);
 
+// The exact lookup for d = 1, and d = 2 with l2 on (csrc/gsq_sorted_search.h): indices[i] = the
+// code nearest to z_i (float32 rows, (num_rows, dim)), ties to the lowest index, 0 for a row
+// holding NaN/inf. sorted_search_supports: 1 <= V < 2^31 (cub counts items in int) and d <= 2.
+// cudaErrorInvalidValue if not supported, for d = 2 with l2 off, or with too little workspace.
+bool sorted_search_supports(int64_t num_codes, int dim);
+size_t sorted_search_workspace_bytes(int64_t num_codes, int dim);
+cudaError_t sorted_search(const float* z, int64_t num_rows, int dim, const float* codebook,
+                          int64_t num_codes, double eps, bool l2_normalize, void* workspace,
+                          size_t workspace_bytes, int64_t* indices, cudaStream_t stream);
+
 }  // namespace gsq_cuda

@@ -29,6 +29,10 @@ class Backend:
     # (z, codebook, beta, eps, l2_normalize) -> (quantized, indices, loss_rows, gap): the fused
     # forward (no autograd) plus the gap, in one scan: the exact lookup's forward (exact.py)
     quantize_forward_with_gap: Callable[[Tensor, Tensor, float, float, bool], tuple[Tensor, ...]] | None = None
+    # (z, codebook, eps, l2_normalize) -> indices: the exact nearest codes for d = 1, or d = 2
+    # with l2 on, for float32 compute (lookup.py's sorted search in one kernel); None: lookup.py's
+    # own sorted search runs in torch ops
+    nearest_code_sorted: Callable[[Tensor, Tensor, float, bool], Tensor] | None = None
     # (grad_quantized, grad_loss_rows, z, codebook, indices, beta, eps, l2_normalize)
     #   -> (grad_z, grad_codebook): the fused backward for given indices; None for the reference,
     # whose exact-mode forward is differentiated by autograd

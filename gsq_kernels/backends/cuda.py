@@ -36,5 +36,6 @@ BACKEND = Backend(
     nearest_code=ops.nearest_code,
     nearest_code_with_gap=ops.nearest_code_with_gap,
     quantize_forward_with_gap=ops.quantize_forward_with_gap,
+    nearest_code_sorted=ops.nearest_code_sorted if ops.has_op("nearest_code_sorted") else None,
     backward=ops.backward,
 )

@@ -46,6 +46,16 @@ extern "C" int gsq_emulated_backward(const void* z, const void* grad_quantized, 
                             grad_codebook, nullptr);
 }
 
+// The exact lookup for d <= 2 (float32 rows and codebook).
+extern "C" int gsq_emulated_sorted_search(const float* z, int64_t rows, int dim,
+                                          const float* codebook, int64_t codes, double eps,
+                                          int l2_normalize, int64_t* indices) {
+  const size_t bytes = gsq_cuda::sorted_search_workspace_bytes(codes, dim);
+  std::vector<char> workspace(bytes + 1);
+  return gsq_cuda::sorted_search(z, rows, dim, codebook, codes, eps, l2_normalize != 0,
+                                 workspace.data(), bytes, indices, nullptr);
+}
+
 // Clears the launch log and zeroes every probe.
 extern "C" void gsq_emulated_reset_records() { gsq_emu::reset_records(); }
 

@@ -26,7 +26,7 @@
 //          with phi >= min(g, pi) the angle between them, and |c^| >= kMinCodeNorm for every
 //          bucketed code (shorter codes are "short": scored against every row).
 // When the bound exceeds the best distance found, no outside code is as near (a tie needs
-// equality), so the best is the nearest code; otherwise the window grows by a bucket on each side.
+// equality), so the best is the nearest code; otherwise the window doubles.
 // The d = 2 slack covers the fp32 key of a code taken from its raw coordinates (the direction of
 // c^ up to one rounding per coordinate; r within 2u, one more rounding in [0, 4]: below 3e-7 in
 // all) and the float64 key of the row.
@@ -253,22 +253,29 @@ GSQ_HOST_DEVICE inline bool search_row(const SortedView& s, const double* n, Bes
   const int64_t b = row_key_bucket(s, n, key);
   if (s.built != nullptr && !s.built[b]) return false;
   scan_bucket(s, b, n, best);
-  for (int64_t w = 0;; ++w) {
+  // The window b - done .. b + done is scanned; it doubles until the bound proves the winner, so
+  // a row far from every code (an empty arc) takes O(log B) bounds, not O(B).
+  for (int64_t done = 0;;) {
     // +inf once the window covers every bucket (best may be +inf too: no finite code at all).
-    const double bound = outside_bound(s, n, key, b, w);
+    const double bound = outside_bound(s, n, key, b, done);
     if (bound > best.distance || bound == HUGE_VAL) return true;
-    const int64_t next = w + 1;
-    int64_t left = b - next, right = b + next;
-    if (s.dim == 2) {
-      left = ((left % B) + B) % B;
-      right %= B;
+    const int64_t next = done == 0 ? 1 : 2 * done;
+    for (int64_t w = done + 1; w <= next; ++w) {
+      // Stop once the buckets scanned cover all (d = 2: 2w - 1 of them; d = 1: both ends).
+      if (s.dim == 2 ? 2 * w - 1 >= B : (b - w < 0 && b + w >= B)) break;
+      int64_t left = b - w, right = b + w;
+      if (s.dim == 2) {
+        left = ((left % B) + B) % B;
+        right %= B;
+      }
+      const bool has_left = left >= 0, has_right = right < B && right != left;
+      if (s.built != nullptr && ((has_left && !s.built[left]) || (has_right && !s.built[right]))) {
+        return false;
+      }
+      if (has_left) scan_bucket(s, left, n, best);
+      if (has_right) scan_bucket(s, right, n, best);
     }
-    const bool has_left = left >= 0, has_right = right < B && right != left;
-    if (s.built != nullptr && ((has_left && !s.built[left]) || (has_right && !s.built[right]))) {
-      return false;
-    }
-    if (has_left) scan_bucket(s, left, n, best);
-    if (has_right) scan_bucket(s, right, n, best);
+    done = next;
   }
 }
 

@@ -6,9 +6,9 @@
 
 quantize_exact runs the backend's fused forward with the gap to the runner-up in one scan
 (quantize_forward_with_gap) and recomputes only the rows the refinement re-decides; at d <= 2 (the
-sorted search) and for a backend without that op it looks up first, then gathers.
+backend's sorted-search kernel) and for a backend without that op it looks up first, then gathers.
 
-The refinement sizes its float64 pass from the data (how many rows are ambiguous), so it
+At d >= 3 the refinement sizes its float64 pass from the data (how many rows are ambiguous), so it
 synchronizes with the device once per call: capture CUDA graphs with lookup="dot".
 """
 

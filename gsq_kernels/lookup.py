@@ -2,16 +2,18 @@
 
     idx = argmin_j ||n - c^_j||^2,  n = l2(z), c^_j = l2(c_j) (raw z and c_j when l2 is off),
 
-over the fp32 vectors n and c^_j (float64 for float64 z), ranked as if the distances were computed
-exactly; equal distances go to the lowest index. The fp32 dot product that every fused scan
+over the fp32 vectors n and c^_j (float64 for float64 z; lookup_l2 normalizes), ranked as if the
+distances were computed exactly; equal distances go to the lowest index. The fp32 dot product that every fused scan
 computes cannot do this alone: at d = 2, V = 262,144 neighbouring codes are ~2.4e-5 rad apart, so
 their cosines differ by ~1e-10, far below fp32's resolution near 1 (6e-8), and the per-code
 rounding of c^ decides the winner. Two strategies, both exact:
 
-  * d <= 2 with l2 on, and d = 1 (sorted_search): sort the codes by angle (d = 2) or value (d = 1)
-    once per call, binary-search each row, and settle the winner among a few neighbours by float64
-    distance. A lower bound on the distance of every code outside the window proves the window
-    holds the winner; rows where it does not are decided over the whole codebook. O((V + M) log V).
+  * d <= 2 with l2 on, and d = 1: a sorted search. The fused backends run it as one kernel
+    (csrc/gsq_sorted_search.h: the codes bucket-sorted by angle or value in O(V), then each row's
+    window of buckets widened until a distance bound proves its winner); sorted_search below is the
+    torch version (the reference backend, float64 z): sort by angle or value, binary-search each
+    row, settle the winner among a few neighbours by float64 distance, prove it with the same kind
+    of bound, and decide unproven rows over the whole codebook. O((V + M) log V).
 
   * otherwise (refine_ambiguous_rows): the backend's fused fp32 scan returns its winner and the gap
     to the runner-up score. If the gap exceeds twice the scan's worst-case rounding error (plus,

@@ -208,11 +208,46 @@ def _fixed_variants(d: int, quick: bool):
     )
 
 
+def _sorted_variants(d: int):
+    """The sorted search (d = 1, and d = 2 with l2 on): float32 only, as the op computes."""
+    config = triton.Config({}, num_warps=4, num_stages=3)
+    yield (
+        "sorted_keys",
+        "fp32",
+        d,
+        config,
+        kernels.gsq_sorted_keys_kernel,
+        dict(codebook_ptr="*fp32", keys_ptr="*i64", range_ptr="*fp32", V="i32", MAX_BUCKETS="i32", eps="fp64"),
+        dict(D=d, L2=True, BLOCK=1024),
+    )
+    yield (
+        "sorted_search",
+        "fp32",
+        d,
+        config,
+        kernels.gsq_sorted_search_kernel,
+        dict(
+            z_ptr="*fp32",
+            members_ptr="*i32",
+            member_codes_ptr="*fp32",
+            bucket_start_ptr="*i64",
+            range_ptr="*fp32",
+            indices_ptr="*i64",
+            M="i32",
+            MAX_BUCKETS="i32",
+            eps="fp64",
+        ),
+        dict(D=d, L2=True, EXACT_ROUNDING=True, BLOCK=128),
+    )
+
+
 def variants(dims=DIMS, tiles=None, quick=False):
     for d in dims:
         yield from _forward_variants(d, tiles, quick)
         if tiles is None:
             yield from _fixed_variants(d, quick)
+            if d <= 2:
+                yield from _sorted_variants(d)
 
 
 def main() -> None:

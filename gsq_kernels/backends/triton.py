@@ -1,7 +1,8 @@
 """The Triton backend: ops gsq_triton::{quantize_forward, quantize_backward, nearest_code,
-nearest_code_with_gap} built with torch.library.triton_op + wrap_triton (so torch.compile traces
-into the kernels; opaque custom ops under the interpreter), the autograd formula, warmup (before
-capturing a CUDA graph) and the Backend entry. Kernels and their math: triton_kernels.py.
+nearest_code_with_gap, quantize_forward_with_gap, nearest_code_sorted} built with
+torch.library.triton_op + wrap_triton (so torch.compile traces into the kernels; opaque custom ops
+under the interpreter), the autograd formula, warmup (before capturing a CUDA graph) and the Backend
+entry. Kernels and their math: triton_kernels.py.
 
 Runs on CUDA tensors, on z's device whatever the current one; on CPU tensors only under
 TRITON_INTERPRET=1 (the tests). Computes in float32 for fp32/fp16/bf16 latents; float64 is refused
@@ -28,6 +29,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SYMBOLIC_CHUNK_ROWS = 256
 # Code indices inside a tile are int32, and the CUDA glue caps rows likewise: beyond this, split the call.
 MAX_ROWS = MAX_CODES = 2**31 - 1
+# csrc/gsq_sorted_search.h's kCodesPerBucket: the sorted search's buckets hold about this many codes.
+SORTED_CODES_PER_BUCKET = 4
 
 
 def _probe() -> tuple[bool, str]:
@@ -227,6 +230,88 @@ def nearest_code_with_gap_op(z: Tensor, codebook: Tensor, eps: float, l2_normali
     return _lookup(z, codebook, 0.0, eps, l2_normalize, outputs="gap")
 
 
+def _sorted_max_buckets(num_codes: int) -> int:
+    """gsq_sorted::bucket_map's count: a power of two, about V / 4 (csrc/gsq_sorted_search.h)."""
+    buckets = 1
+    while buckets * 2 * SORTED_CODES_PER_BUCKET <= num_codes:
+        buckets *= 2
+    return buckets
+
+
+@_op("gsq_triton::nearest_code_sorted")
+def nearest_code_sorted_op(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool) -> Tensor:
+    """The exact nearest codes for d = 1, and d = 2 with l2 on (triton_kernels.py): the codes'
+    bucket keys (a kernel), a stable torch.sort of them, then a search kernel per block of rows."""
+    import triton
+
+    from ..lookup import lookup_l2
+    from .triton_kernels import gsq_sorted_keys_kernel, gsq_sorted_search_kernel
+
+    _check("gsq_triton::nearest_code_sorted", z, codebook)
+    d = z.shape[1]
+    if not (d == 1 or (d == 2 and l2_normalize)):
+        raise ValueError(
+            f"gsq_triton::nearest_code_sorted: the sorted search covers d = 1, and d = 2 with l2 on; "
+            f"got d={d} with l2_normalize={l2_normalize}"
+        )
+    z, codebook = z.float().contiguous(), codebook.contiguous()
+    rows, num_codes = z.shape[0], codebook.shape[0]
+    with _device_guard(z.device):
+        indices = torch.empty(rows, dtype=torch.int64, device=z.device)
+        if rows == 0 or not _launches(z):
+            return indices
+        max_buckets = _sorted_max_buckets(num_codes)
+        codes = lookup_l2(codebook, eps) if l2_normalize else codebook
+        if d == 1:  # the finite keys' range (a device tensor: nothing synchronizes)
+            finite = torch.isfinite(codebook[:, 0])
+            low = torch.where(finite, codes[:, 0], math.inf).min()
+            key_range = torch.stack([low, torch.where(finite, codes[:, 0], -math.inf).max()]).float()
+        else:
+            key_range = torch.zeros(2, dtype=torch.float32, device=z.device)
+        keys = torch.empty(num_codes, dtype=torch.int64, device=z.device)
+        block = 1024
+        _launch(
+            gsq_sorted_keys_kernel,
+            (triton.cdiv(num_codes, block),),
+            codebook,
+            keys,
+            key_range,
+            num_codes,
+            max_buckets,
+            eps,
+            D=d,
+            L2=l2_normalize,
+            BLOCK=block,
+        )
+        sorted_keys, order = torch.sort(keys, stable=True)
+        bucket_start = torch.searchsorted(sorted_keys, torch.arange(max_buckets + 2, device=z.device))
+        members = order.to(torch.int32)
+        member_codes = codes.index_select(0, order).contiguous()
+        search_block = 1024 if INTERPRETED else 128
+        _launch(
+            gsq_sorted_search_kernel,
+            (triton.cdiv(rows, search_block),),
+            z,
+            members,
+            member_codes,
+            bucket_start,
+            key_range,
+            indices,
+            rows,
+            max_buckets,
+            eps,
+            D=d,
+            L2=l2_normalize,
+            EXACT_ROUNDING=not INTERPRETED,
+            BLOCK=search_block,
+        )
+    return indices
+
+
+def nearest_code_sorted(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool) -> Tensor:
+    return torch.ops.gsq_triton.nearest_code_sorted(z, codebook, eps, l2_normalize)
+
+
 def chunk_rows(rows) -> int:
     """Rows per chunk of the codebook gradient: about sqrt(M), so a collapsed codebook (every row on
     one code) costs ~2 sqrt(M) serial steps (a chunk, then the chunk sums). A function of M alone,
@@ -414,5 +499,6 @@ BACKEND = Backend(
     nearest_code=nearest_code,
     nearest_code_with_gap=nearest_code_with_gap,
     quantize_forward_with_gap=quantize_forward_with_gap,
+    nearest_code_sorted=nearest_code_sorted,
     backward=backward,
 )

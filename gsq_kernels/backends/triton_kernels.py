@@ -73,6 +73,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .triton import INTERPRETED
 
@@ -445,3 +446,325 @@ def gsq_codebook_grad_combine_kernel(
             partial_ptr + (first + step)[:, None] * D + dims[None, :], mask=active[:, None] & code_mask, other=0.0
         )
     tl.store(grad_codebook_ptr + codes[:, None] * D + dims[None, :], grad, mask=code_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact lookup for d = 1, and d = 2 with l2 on: the Triton version of csrc/gsq_sorted_search.h,
+# which holds the keys, the search and the proof of its window. The codes' bucket keys come from
+# gsq_sorted_keys_kernel, torch sorts them (stable: each bucket lists its codes in index order),
+# then gsq_sorted_search_kernel searches each row. Every bucket is built and nothing is dropped.
+# The distances are computed as the oracle computes them, two rounded squares then a rounded sum:
+# on a GPU through libdevice's mul_rn/add_rn, which the compiler never fuses into an FMA (the
+# interpreter's numpy never fuses).
+SORTED_KEY_SLACK = tl.constexpr(1.0 / (1 << 19))
+SORTED_MIN_CODE_NORM = tl.constexpr(1.0 - 1.0 / (1 << 18))
+SORTED_BOUND_SHRINK = tl.constexpr(1.0 - 1.0 / (1 << 40))
+SORTED_PI = tl.constexpr(3.141592653589793)
+SORTED_NO_INDEX = tl.constexpr(2**63 - 1)
+
+
+@triton.jit
+def _sorted_bucket_map(range_ptr, MAX_BUCKETS, D: tl.constexpr):
+    """(buckets, origin, scale) of gsq_sorted::bucket_map: d = 2 fixed, d = 1 from the key range."""
+    if D == 2:
+        scale = MAX_BUCKETS.to(tl.float64) / 4
+        return MAX_BUCKETS.to(tl.int64), scale * 0.0, scale
+    low = tl.load(range_ptr).to(tl.float64)
+    high = tl.load(range_ptr + 1).to(tl.float64)
+    spread = low < high
+    buckets = tl.where(spread, MAX_BUCKETS.to(tl.int64), 1)
+    origin = tl.where(spread, low, 0.0)
+    scale = tl.where(spread, MAX_BUCKETS.to(tl.float64) / tl.where(spread, high - low, 1.0), 0.0)
+    return buckets, origin, scale
+
+
+@triton.jit
+def _sorted_lookup_vector(x, y, eps, L2: tl.constexpr):
+    """(n0, n1) = l2((x, y)) in fp32 with the norm taken in float64 and rounded once (y = 0 at d = 1)."""
+    if L2:
+        x64 = x.to(tl.float64)
+        y64 = y.to(tl.float64)
+        norm = tl.sqrt(x64 * x64 + y64 * y64).to(tl.float32)  # each square exact: FMA or not
+        denom = tl.where(norm > eps, norm, eps)
+        return tl.div_rn(x, denom), tl.div_rn(y, denom)
+    return x, y
+
+
+@triton.jit
+def gsq_sorted_keys_kernel(
+    codebook_ptr,  # (V, D) float32
+    keys_ptr,  # (V,) int64 out: the bucket (buckets: short code, buckets + 1: NaN/inf)
+    range_ptr,  # (2,) float32: d = 1, the finite keys' min and max
+    V,
+    MAX_BUCKETS,
+    eps,
+    D: tl.constexpr,
+    L2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    eps = tl.cast(eps, tl.float32)
+    codes = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = codes < V
+    buckets, origin, scale = _sorted_bucket_map(range_ptr, MAX_BUCKETS, D)
+    last = buckets - 1
+    x = tl.load(codebook_ptr + codes * D, mask=mask, other=0.0)
+    if D == 2:
+        y = tl.load(codebook_ptr + codes * D + 1, mask=mask, other=0.0)
+        # gsq_sorted::code_bucket_2d: the pseudo-angle of the raw code, r = |y| / (|x| + |y|).
+        ax = tl.abs(x)
+        ay = tl.abs(y)
+        r = tl.div_rn(ay, ax + ay)
+        right = tl.where(x >= 0, 1.0, 0.0)
+        upper = tl.where(y >= 0, 1.0, 0.0)
+        base = 2.0 + 2.0 * right * (1.0 - 2.0 * upper)
+        sign = 1.0 - 2.0 * (right - upper) * (right - upper)
+        position = (base + sign * r) * scale.to(tl.float32)  # exact: scale is a power of two
+        b = tl.where(position > 0, position, 0.0).to(tl.int64) & last
+        norm_sq = x * x + y * y
+        threshold = tl.maximum(4.5 * eps * eps, 1e-37)
+        is_long = (norm_sq > threshold) & (norm_sq <= 3.4028234e38)
+        finite = ((x - x) + (y - y)) == 0
+        key = tl.where(finite, tl.where(is_long, b, buckets), buckets + 1)
+    else:
+        # gsq_sorted::code_bucket_1d: the key is c^ (r = |x| exactly).
+        value = x
+        if L2:
+            ax = tl.abs(x)
+            value = tl.div_rn(x, tl.where(ax > eps, ax, eps))
+        position = (value.to(tl.float64) - origin) * scale
+        b = tl.minimum(tl.where(position > 0, position, 0.0).to(tl.int64), last)
+        key = tl.where((x - x) == 0, b, buckets + 1)
+    tl.store(keys_ptr + codes, key, mask=mask)
+
+
+@triton.jit
+def _sorted_distance(n0, n1, c0, c1, D: tl.constexpr, EXACT_ROUNDING: tl.constexpr):
+    """||n - c||^2 in float64 as the oracle rounds it: (n0 - c0)^2, plus (n1 - c1)^2 at d = 2."""
+    dx = n0 - c0.to(tl.float64)
+    if EXACT_ROUNDING:
+        distance = libdevice.mul_rn(dx, dx)
+        if D == 2:
+            dy = n1 - c1.to(tl.float64)
+            distance = libdevice.add_rn(distance, libdevice.mul_rn(dy, dy))
+    else:
+        distance = dx * dx
+        if D == 2:
+            dy = n1 - c1.to(tl.float64)
+            distance = distance + dy * dy
+    return distance
+
+
+@triton.jit
+def _sorted_scan(
+    members_ptr, member_codes_ptr, first, last, active, n0, n1, best, best_index, D: tl.constexpr, EXACT: tl.constexpr
+):
+    """Offers the members [first, last) of each active lane's range to its (best, best_index),
+    lowest index on equal distances."""
+    position = first
+    scanning = active & (position < last)
+    while tl.max(scanning.to(tl.int32), axis=0) > 0:
+        c0 = tl.load(member_codes_ptr + position * D, mask=scanning, other=0.0)
+        c1 = c0
+        if D == 2:
+            c1 = tl.load(member_codes_ptr + position * D + 1, mask=scanning, other=0.0)
+        index = tl.load(members_ptr + position, mask=scanning, other=0).to(tl.int64)
+        distance = _sorted_distance(n0, n1, c0, c1, D, EXACT)
+        better = scanning & ((distance < best) | ((distance == best) & (index < best_index)))
+        best = tl.where(better, distance, best)
+        best_index = tl.where(better, index, best_index)
+        position += 1
+        scanning = active & (position < last)
+    return best, best_index
+
+
+@triton.jit
+def _sorted_scan_buckets(
+    members_ptr,
+    member_codes_ptr,
+    bucket_start_ptr,
+    low,
+    high,
+    use,
+    n0,
+    n1,
+    best,
+    best_index,
+    D: tl.constexpr,
+    EXACT: tl.constexpr,
+):
+    """_sorted_scan over buckets low .. high of each using lane (none where low > high): the
+    positions [start[low], start[high + 1])."""
+    use = use & (low <= high)
+    first = tl.load(bucket_start_ptr + tl.where(use, low, 0), mask=use, other=0)
+    last = tl.load(bucket_start_ptr + tl.where(use, high + 1, 0), mask=use, other=0)
+    return _sorted_scan(members_ptr, member_codes_ptr, first, last, use, n0, n1, best, best_index, D, EXACT)
+
+
+@triton.jit
+def _sorted_outside_bound(n0, n1, key, b, w, buckets, origin, scale, D: tl.constexpr):
+    """gsq_sorted::outside_bound: a lower bound on the distance to every code outside buckets
+    b - w .. b + w (+inf when they cover all)."""
+    inf = float("inf")
+    if D == 2:
+        width = 4.0 / buckets.to(tl.float64)
+        to_left = key - (b - w).to(tl.float64) * width
+        to_right = (b + w + 1).to(tl.float64) * width - key
+        gap = tl.minimum(to_left, to_right) - SORTED_KEY_SLACK
+        half = tl.minimum(gap, SORTED_PI) / 2
+        sin_half = half - half * half * half / 6  # <= sin(half) for 0 <= half <= pi / 2
+        norm = tl.sqrt(n0 * n0 + n1 * n1)
+        bound = 4 * norm * SORTED_MIN_CODE_NORM * sin_half * sin_half * SORTED_BOUND_SHRINK
+        bound = tl.where(gap > 0, bound, 0.0)
+        return tl.where(2 * w + 1 >= buckets, inf, bound)
+    left_done = b - w <= 0
+    right_done = b + w >= buckets - 1
+    slack = buckets.to(tl.float64) / tl.where(scale > 0, scale, 1.0) / (1 << 40)
+    to_left = n0 - (origin + (b - w).to(tl.float64) / tl.where(scale > 0, scale, 1.0)) - slack
+    to_right = origin + (b + w + 1).to(tl.float64) / tl.where(scale > 0, scale, 1.0) - n0 - slack
+    gap = tl.minimum(tl.where(left_done, inf, to_left), tl.where(right_done, inf, to_right))
+    bound = tl.where(gap > 0, gap * gap * SORTED_BOUND_SHRINK, 0.0)
+    return tl.where(left_done & right_done, inf, bound)
+
+
+@triton.jit
+def gsq_sorted_search_kernel(
+    z_ptr,  # (M, D) float32
+    members_ptr,  # (V,) int32: the codes in bucket order
+    member_codes_ptr,  # (V, D) float32: their c^
+    bucket_start_ptr,  # (MAX_BUCKETS + 2,) int64: bucket b is [start[b], start[b + 1])
+    range_ptr,  # (2,) float32 (d = 1)
+    indices_ptr,  # (M,) int64 out
+    M,
+    MAX_BUCKETS,
+    eps,
+    D: tl.constexpr,
+    L2: tl.constexpr,
+    EXACT_ROUNDING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    eps = tl.cast(eps, tl.float32)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < M
+    buckets, origin, scale = _sorted_bucket_map(range_ptr, MAX_BUCKETS, D)
+    x = tl.load(z_ptr + rows * D, mask=row_ok, other=0.0)
+    y = tl.zeros_like(x)
+    if D == 2:
+        y = tl.load(z_ptr + rows * D + 1, mask=row_ok, other=0.0)
+    n0_32, n1_32 = _sorted_lookup_vector(x, y, eps, L2)
+    finite = (((x - x) + (y - y)) == 0) & (((n0_32 - n0_32) + (n1_32 - n1_32)) == 0)
+    n0 = tl.where(finite, n0_32, 0.0).to(tl.float64)
+    n1 = tl.where(finite, n1_32, 0.0).to(tl.float64)
+    best = tl.full([BLOCK], float("inf"), tl.float64)
+    best_index = tl.full([BLOCK], SORTED_NO_INDEX, tl.int64)
+    live = row_ok & finite
+    # The short codes (bucket `buckets`), for every row.
+    short_first = tl.load(bucket_start_ptr + buckets)
+    short_last = tl.load(bucket_start_ptr + buckets + 1)
+    best, best_index = _sorted_scan(
+        members_ptr,
+        member_codes_ptr,
+        tl.zeros([BLOCK], tl.int64) + short_first,
+        tl.zeros([BLOCK], tl.int64) + short_last,
+        live,
+        n0,
+        n1,
+        best,
+        best_index,
+        D,
+        EXACT_ROUNDING,
+    )
+    # d = 2 rows with |n| < 1/2 have no reliable angle: every bucketed code (positions [start[0],
+    # start[buckets]), contiguous).
+    everything = live & False
+    if D == 2:
+        everything = live & (n0 * n0 + n1 * n1 < 0.25)
+    all_first = tl.zeros([BLOCK], tl.int64) + tl.load(bucket_start_ptr)
+    all_last = tl.zeros([BLOCK], tl.int64) + short_first
+    best, best_index = _sorted_scan(
+        members_ptr, member_codes_ptr, all_first, all_last, everything, n0, n1, best, best_index, D, EXACT_ROUNDING
+    )
+    # The row's bucket, then wider windows until the bound proves the winner.
+    if D == 2:
+        ax = tl.abs(n0)
+        ay = tl.abs(n1)
+        r = ay / (ax + ay)
+        key = tl.where(n1 >= 0, tl.where(n0 >= 0, r, 2.0 - r), tl.where(n0 < 0, 2.0 + r, 4.0 - r))
+        b = tl.floor(key * scale).to(tl.int64)
+        wraps = b >= buckets  # key 4 is angle 2 pi: the start of bucket 0
+        key = tl.where(wraps, key - 4.0, key)
+        b = tl.where(wraps, 0, b)
+    else:
+        key = n0
+        b = tl.floor((key - origin) * scale).to(tl.int64)
+        b = tl.minimum(tl.maximum(b, 0), buckets - 1)
+    active = live & ~everything
+    best, best_index = _sorted_scan_buckets(
+        members_ptr, member_codes_ptr, bucket_start_ptr, b, b, active, n0, n1, best, best_index, D, EXACT_ROUNDING
+    )
+    # The window b - done .. b + done is scanned; it doubles until the bound proves each row's
+    # winner. Consecutive buckets are consecutive positions, so each new side is one range (two
+    # where it wraps around the circle).
+    done = 0
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        bound = _sorted_outside_bound(n0, n1, key, b, done, buckets, origin, scale, D)
+        active = active & ~((bound > best) | (bound == float("inf")))
+        grown = tl.maximum(2 * done, 1)
+        if D == 2 and 2 * grown + 1 >= buckets:
+            # The new window covers the circle: every bucketed code, once.
+            best, best_index = _sorted_scan_buckets(
+                members_ptr,
+                member_codes_ptr,
+                bucket_start_ptr,
+                b * 0,
+                b * 0 + buckets - 1,
+                active,
+                n0,
+                n1,
+                best,
+                best_index,
+                D,
+                EXACT_ROUNDING,
+            )
+        else:
+            for side in tl.static_range(2):
+                if side == 0:
+                    low = b - grown
+                    high = b - done - 1
+                else:
+                    low = b + done + 1
+                    high = b + grown
+                # The part inside [0, buckets), then (d = 2) the part that wraps around.
+                best, best_index = _sorted_scan_buckets(
+                    members_ptr,
+                    member_codes_ptr,
+                    bucket_start_ptr,
+                    tl.maximum(low, 0),
+                    tl.minimum(high, buckets - 1),
+                    active,
+                    n0,
+                    n1,
+                    best,
+                    best_index,
+                    D,
+                    EXACT_ROUNDING,
+                )
+                if D == 2:
+                    wrapped_low = tl.where(low < 0, low + buckets, tl.maximum(low, buckets) - buckets)
+                    wrapped_high = tl.where(low < 0, tl.minimum(high, -1) + buckets, high - buckets)
+                    best, best_index = _sorted_scan_buckets(
+                        members_ptr,
+                        member_codes_ptr,
+                        bucket_start_ptr,
+                        wrapped_low,
+                        wrapped_high,
+                        active,
+                        n0,
+                        n1,
+                        best,
+                        best_index,
+                        D,
+                        EXACT_ROUNDING,
+                    )
+        done = grown
+    chosen = tl.where(best_index == SORTED_NO_INDEX, 0, best_index)
+    tl.store(indices_ptr + rows, tl.where(finite, chosen, 0), mask=row_ok)

@@ -51,9 +51,10 @@ constexpr double kBoundShrink = 1.0 - 1.0 / (1ll << 40);
 constexpr double kPi = 3.14159265358979323846;
 // Codes per bucket on average: a row scores a few times this many codes.
 constexpr int64_t kCodesPerBucket = 4;
-// Rows whose search would widen past this many buckets on each side are finished by a second
-// pass over a codebook bucketed in full (the first pass may bucket only the codes near rows).
+// A CPU build may fill only the buckets within this many of a row's bucket; the rows that need
+// more are searched again after a build within kWideHalfWindow of theirs, then after a full one.
 constexpr int64_t kMarkedHalfWindow = 2;
+constexpr int64_t kWideHalfWindow = 64;
 
 // The codes as the search reads them. Bucket b in [0, num_buckets) holds the members
 // [bucket_start[b], bucket_end[b]); bucket num_buckets holds the short codes. `built` (null: all)

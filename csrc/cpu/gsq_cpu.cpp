@@ -286,7 +286,7 @@ class SortedSearch {
     const int64_t slots = s_.num_buckets + 1;
     const auto options = codebook.options();
     const auto longs = options.dtype(at::kLong), ints = options.dtype(at::kInt);
-    built_ = at::empty({slots + 1}, options.dtype(at::kByte));
+    built_ = at::empty({slots + 1 + kBuiltPadding}, options.dtype(at::kByte));
     built_list_ = at::empty({slots}, ints);
     chunk_counts_ = at::empty({chunks_ * (slots + 1)}, longs);
     selected_ = at::empty({s_.num_codes}, ints);
@@ -311,9 +311,17 @@ class SortedSearch {
     s_.member_codes = member_codes_.data_ptr<float>();
   }
 
-  // Buckets the codes near the rows of z (every code when every_bucket is set).
-  void build(const float* z, int64_t num_rows, bool every_bucket) {
-    sorted_mark_rows(s_, z, num_rows, every_bucket);
+  // row_bucket[i] for the rows of z: the bucket each one starts from (sorted_row_buckets).
+  void row_buckets(const float* z, int64_t num_rows, int64_t* row_bucket) const {
+    at::parallel_for(0, num_rows, 256, [&](int64_t begin, int64_t end) {
+      sorted_row_buckets(s_, z, begin, end, row_bucket);
+    });
+  }
+
+  // Buckets the codes within half_window buckets of the given rows' buckets (every code when
+  // half_window < 0).
+  void build(const int64_t* row_bucket, int64_t num_rows, int64_t half_window) {
+    sorted_mark_rows(s_, row_bucket, num_rows, half_window);
     for_chunks(
         [&](int64_t t, int64_t first, int64_t last) { sorted_select_chunk(s_, t, first, last); });
     sorted_bucket_offsets(s_, chunks_);
@@ -367,15 +375,22 @@ at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebo
   const float* z_ptr = zc.data_ptr<float>();
   int64_t* out = indices.data_ptr<int64_t>();
   SortedSearch search(codebook.contiguous(), eps, l2_normalize);
-  search.build(z_ptr, rows, /*every_bucket=*/false);
+  at::Tensor row_bucket = at::empty({rows}, indices.options());
+  int64_t* row_bucket_ptr = row_bucket.data_ptr<int64_t>();
+  search.row_buckets(z_ptr, rows, row_bucket_ptr);
+  search.build(row_bucket_ptr, rows, gsq_sorted::kMarkedHalfWindow);
   search.search(z_ptr, 0, rows, out);
-  // Rows whose search reached an unbuilt bucket (rare: no code near them): again, over all codes.
-  std::vector<int64_t> again;
-  for (int64_t i = 0; i < rows; ++i) {
-    if (out[i] < 0) again.push_back(i);
-  }
-  if (!again.empty()) {
-    search.build(z_ptr, rows, /*every_bucket=*/true);
+  // Rows whose search reached an unbuilt bucket (rare: no code near them) are searched again over
+  // the buckets within kWideHalfWindow of theirs, then over every code.
+  for (const int64_t half_window : {gsq_sorted::kWideHalfWindow, int64_t{-1}}) {
+    std::vector<int64_t> again, again_buckets;
+    for (int64_t i = 0; i < rows; ++i) {
+      if (out[i] >= 0) continue;
+      again.push_back(i);
+      again_buckets.push_back(row_bucket_ptr[i]);
+    }
+    if (again.empty()) break;
+    search.build(again_buckets.data(), static_cast<int64_t>(again.size()), half_window);
     for (const int64_t i : again) search.search(z_ptr, i, i + 1, out);
   }
   return indices;

@@ -9,6 +9,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 // The distances must round as the oracle's do: two squares, then a sum. A fused multiply-add
 // would round once less and could order two nearly equal distances differently.
 #if defined(__clang__)
@@ -29,7 +33,6 @@ namespace gsq_cpu {
 namespace {
 
 using gsq_sorted::kCodesPerBucket;
-using gsq_sorted::kMarkedHalfWindow;
 
 // Codes are classified in blocks of this many, in loops the compiler vectorizes.
 constexpr int kBlock = 256;
@@ -130,25 +133,38 @@ void sorted_choose_buckets(SortedCodes& s, float low, float high) {
   s.key_scale = map.scale;
 }
 
-void sorted_mark_rows(const SortedCodes& s, const float* z, int64_t num_rows, bool every_bucket) {
-  const int64_t B = s.num_buckets;
-  // Past this many rows most buckets are near one anyway.
-  every_bucket = every_bucket || num_rows * (2 * kMarkedHalfWindow + 1) > B / 2;
-  std::memset(s.built, 0, static_cast<size_t>(B));
-  s.built[B] = 1;      // the short codes
-  s.built[B + 1] = 0;  // the codes holding NaN/inf
-  s.built_list[0] = static_cast<int32_t>(B);
-  int64_t listed = 1;
+void sorted_row_buckets(const SortedCodes& s, const float* z, int64_t begin, int64_t end,
+                        int64_t* row_bucket) {
   const gsq_sorted::SortedView view = s.view();
-  for (int64_t i = 0; i < num_rows && !every_bucket; ++i) {
+  for (int64_t i = begin; i < end; ++i) {
     float n_hat[2] = {0, 0};
     gsq_sorted::lookup_vector(z + i * s.dim, s.dim, s.l2_normalize, s.eps, n_hat);
-    if (!std::isfinite(n_hat[0]) || !std::isfinite(n_hat[s.dim - 1])) continue;
+    if (!std::isfinite(n_hat[0]) || !std::isfinite(n_hat[s.dim - 1])) {
+      row_bucket[i] = -1;
+      continue;
+    }
     const double n[2] = {n_hat[0], n_hat[s.dim - 1]};
-    every_bucket = gsq_sorted::needs_every_bucket(s.dim, n);
     double key;
-    const int64_t b = gsq_sorted::row_key_bucket(view, n, key);
-    for (int64_t w = -kMarkedHalfWindow; w <= kMarkedHalfWindow; ++w) {
+    row_bucket[i] =
+        gsq_sorted::needs_every_bucket(s.dim, n) ? -2 : gsq_sorted::row_key_bucket(view, n, key);
+  }
+}
+
+void sorted_mark_rows(const SortedCodes& s, const int64_t* row_bucket, int64_t num_rows,
+                      int64_t half_window) {
+  const int64_t B = s.num_buckets;
+  // Past this many rows most buckets are near one anyway.
+  bool every_bucket = half_window < 0 || num_rows * (2 * half_window + 1) > B / 2;
+  std::memset(s.built, 0, static_cast<size_t>(B));
+  s.built[B] = 1;                                      // the short codes
+  std::memset(s.built + B + 1, 0, kBuiltPadding + 1);  // the codes holding NaN/inf, the padding
+  s.built_list[0] = static_cast<int32_t>(B);
+  int64_t listed = 1;
+  for (int64_t i = 0; i < num_rows && !every_bucket; ++i) {
+    const int64_t b = row_bucket[i];
+    every_bucket = b == -2;
+    if (b < 0) continue;
+    for (int64_t w = -half_window; w <= half_window; ++w) {
       int64_t near = b + w;
       if (s.dim == 2) {
         near = ((near % B) + B) % B;
@@ -171,6 +187,38 @@ void sorted_mark_rows(const SortedCodes& s, const float* z, int64_t num_rows, bo
 
 namespace {
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The compaction below with AVX-512: 16 codes at a time, their built flags gathered, the kept
+// ones compressed in a register and stored whole (the lanes past the kept ones are overwritten by
+// the next store, and stay inside [begin, first + count) of this chunk). Returns the new `kept`.
+__attribute__((target("avx512f"))) int64_t compact_avx512(const int32_t* bucket, int count,
+                                                          int64_t first, const uint8_t* built,
+                                                          int32_t* selected,
+                                                          int32_t* selected_bucket, int64_t kept,
+                                                          int* done) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i low_byte = _mm512_set1_epi32(0xff);
+  int i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512i b = _mm512_loadu_si512(bucket + i);
+    // Four bytes from built + b: kBuiltPadding keeps the last ones inside the array.
+    const __m512i flags = _mm512_i32gather_epi32(b, built, 1);
+    const __mmask16 keep = _mm512_test_epi32_mask(flags, low_byte);
+    const __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(first + i)));
+    _mm512_storeu_si512(selected + kept, _mm512_maskz_compress_epi32(keep, index));
+    _mm512_storeu_si512(selected_bucket + kept, _mm512_maskz_compress_epi32(keep, b));
+    kept += __builtin_popcount(keep);
+  }
+  *done = i;
+  return kept;
+}
+
+bool has_avx512() {
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  return supported;
+}
+#endif
+
 template <int D>
 int64_t select_codes(const SortedCodes& s, int64_t begin, int64_t end) {
   // Locals, so that the stores below cannot alias (and reload) the fields of s.
@@ -182,9 +230,15 @@ int64_t select_codes(const SortedCodes& s, int64_t begin, int64_t end) {
   for (int64_t first = begin; first < end; first += kBlock) {
     const int count = static_cast<int>(std::min<int64_t>(kBlock, end - first));
     classify_codes(s, first, count, bucket);
+    int i = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (has_avx512()) {
+      kept = compact_avx512(bucket, count, first, built, selected, selected_bucket, kept, &i);
+    }
+#endif
     // Without branches (most codes are dropped, at random): every code is written at the next
     // free position, which advances only for the codes kept.
-    for (int i = 0; i < count; ++i) {
+    for (; i < count; ++i) {
       const int32_t b = bucket[i];
       selected[kept] = static_cast<int32_t>(first + i);
       selected_bucket[kept] = b;

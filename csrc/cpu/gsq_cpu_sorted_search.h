@@ -5,9 +5,11 @@
 //
 //   sorted_key_range (d = 1)   the range of the keys, per chunk of codes
 //   sorted_choose_buckets      the number of buckets and the key -> bucket map
-//   sorted_mark_rows           which buckets to build: those within kMarkedHalfWindow of a row
-//                              (all of them when rows are many, or one is too short to have an
-//                              angle); a row that needs more is searched again after a full build
+//   sorted_row_buckets         per row: its bucket
+//   sorted_mark_rows           which buckets to build: those within 2 of a row's bucket (all of
+//                              them when rows are many, or one is too short to have an angle); a
+//                              row that needs more is searched again after a build within 64 of
+//                              its bucket, then, if need be, after a full build
 //   sorted_select_chunk        per chunk: the codes in built buckets, with their c^, counted
 //   sorted_bucket_offsets      serial prefix sums over the built buckets: each one's start and
 //                              end, each chunk's slots
@@ -25,6 +27,9 @@
 
 namespace gsq_cpu {
 
+// Bytes past the end of `built`, zeroed: a vector gather reads four bytes from each bucket's flag.
+constexpr int64_t kBuiltPadding = 3;
+
 struct SortedCodes {
   // Inputs.
   const float* codebook;  // (num_codes, dim), raw
@@ -38,7 +43,7 @@ struct SortedCodes {
   double key_origin;
   double key_scale;
   // Arrays the caller allocates.
-  uint8_t* built;            // num_buckets + 2
+  uint8_t* built;            // num_buckets + 2 + kBuiltPadding
   int32_t* built_list;       // num_buckets + 1: the built buckets (short codes first), ...
   int64_t* num_built;        // ... this many
   int64_t* chunk_counts;     // (chunks, num_buckets + 2): counts, then each chunk's next slots
@@ -62,8 +67,15 @@ void sorted_key_range(const SortedCodes& s, int64_t begin, int64_t end, float* l
 
 void sorted_choose_buckets(SortedCodes& s, float low, float high);
 
-// Serial, over the M rows of z (M, dim); builds every bucket when `every_bucket` is set.
-void sorted_mark_rows(const SortedCodes& s, const float* z, int64_t num_rows, bool every_bucket);
+// row_bucket[i] for rows [begin, end) of z (M, dim): the row's bucket, -1 for a row holding
+// NaN/inf, -2 for one that needs every bucket.
+void sorted_row_buckets(const SortedCodes& s, const float* z, int64_t begin, int64_t end,
+                        int64_t* row_bucket);
+
+// Serial, over the rows' buckets: marks the buckets within half_window of one (every bucket when
+// half_window < 0, or when that would mark most of them anyway).
+void sorted_mark_rows(const SortedCodes& s, const int64_t* row_bucket, int64_t num_rows,
+                      int64_t half_window);
 
 void sorted_select_chunk(const SortedCodes& s, int64_t chunk, int64_t begin, int64_t end);
 

@@ -17,9 +17,17 @@ import torch
 
 import gsq_kernels
 from gsq_kernels import GroupedSphericalQuantizer, _build_config, dispatch, grouped_spherical_quantize
+from gsq_kernels.lookup import lookup_vectors, nearest_code_float64
+from sorted_cases import HARD_CASES, hard_codebook
 
 BUILD_INFO = Path(gsq_kernels.__file__).resolve().parent / _build_config.BUILD_INFO_FILE
-OPS = ("gsq::quantize_forward", "gsq::quantize_backward", "gsq::nearest_code", "gsq::nearest_code_with_gap")
+OPS = (
+    "gsq::quantize_forward",
+    "gsq::quantize_backward",
+    "gsq::nearest_code",
+    "gsq::nearest_code_with_gap",
+    "gsq::nearest_code_sorted",
+)
 needs_gpu = pytest.mark.skipif(
     not dispatch.BACKENDS["cuda"].available, reason=f"cuda backend unavailable: {dispatch.BACKENDS['cuda'].status}"
 )
@@ -106,6 +114,21 @@ def test_lookup_refuses_what_its_32_bit_offsets_cannot_index():
         _call_cuda_kernel(torch.ops.gsq.nearest_code_with_gap.default, z, codebook, 1e-12, True)
 
 
+@needs_cuda_build
+@pytest.mark.parametrize(
+    "d, l2_normalize, dtype, message",
+    [
+        (3, True, torch.float32, r"covers d = 1, and d = 2 with l2 on; got d=3 with l2_normalize=True"),
+        (2, False, torch.float32, r"covers d = 1, and d = 2 with l2 on; got d=2 with l2_normalize=False"),
+        (2, True, torch.float64, r"z must be float32, float16 or bfloat16, got Double"),
+    ],
+)
+def test_sorted_search_refuses_what_it_does_not_cover(d, l2_normalize, dtype, message):
+    z, codebook = _fake_cuda(((3, d), dtype), ((7, d), dtype))
+    with pytest.raises(RuntimeError, match=r"gsq::nearest_code_sorted: .*" + message):
+        _call_cuda_kernel(torch.ops.gsq.nearest_code_sorted.default, z, codebook, 1e-12, l2_normalize)
+
+
 def _fake_toolkit(folder: Path, gpu_codes: list[str]) -> Path:
     """A CUDA_HOME whose nvcc only answers --list-gpu-code."""
     (folder / "bin").mkdir(parents=True)
@@ -174,6 +197,36 @@ def test_nearest_code_with_gap_matches_nearest_code_and_the_cpu_gap(d, l2_normal
     assert gap[3].item() == math.inf and indices[3].item() == 0
     single = torch.ops.gsq.nearest_code_with_gap(z, codebook[:1], 1e-12, l2_normalize)[1]
     assert (single == math.inf).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("case", HARD_CASES + ["headline", "d1", "d1_raw"])
+def test_sorted_search_matches_the_oracle_on_the_gpu(backend, case):
+    """The sorted-search kernels (d <= 2) on the GPU: the float64 oracle's index on every row, on the
+    codebooks that defeat a naive search and at F16-D16-G8-V256k."""
+    chosen = dispatch.BACKENDS[backend]
+    if not chosen.available or chosen.nearest_code_sorted is None:
+        pytest.skip(f"{backend}: {chosen.status}")
+    l2_normalize = case != "d1_raw"
+    if case == "headline":
+        z, codebook = torch.randn(100_000, 2), gsq_kernels.spherical_init(262_144, 2)
+    elif case.startswith("d1"):
+        codebook = torch.randn(5000, 1)
+        codebook[100::7] = codebook[100].clone()
+        z = torch.cat([torch.randn(3000, 1) * 2, codebook[:5] + 0.0])
+    else:
+        z, codebook = hard_codebook(case)
+    expected = nearest_code_float64(*lookup_vectors(z, codebook, 1e-12, l2_normalize))
+    got = chosen.nearest_code_sorted(z.cuda(), codebook.cuda(), 1e-12, l2_normalize)
+    assert torch.equal(got.cpu(), expected)
+
+
+@needs_gpu
+def test_opcheck_nearest_code_sorted():
+    for d, l2_normalize in ((1, True), (1, False), (2, True)):
+        z, codebook = torch.randn(300, d, device="cuda"), torch.randn(70_000, d, device="cuda")
+        torch.library.opcheck(torch.ops.gsq.nearest_code_sorted.default, (z, codebook, 1e-12, l2_normalize))
 
 
 @needs_gpu

@@ -363,7 +363,7 @@ at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebo
   const int64_t dim = z.size(1);
   TORCH_CHECK(dim == 1 || (dim == 2 && l2_normalize), op,
               ": the sorted search covers d = 1, and d = 2 with l2 on; got d=", dim,
-              " with l2_normalize=", l2_normalize);
+              " with l2_normalize=", l2_normalize ? "True" : "False");
   TORCH_CHECK(compute_dtype(z) == at::kFloat, op, ": z must be float32, float16 or bfloat16, got ",
               z.scalar_type(), " (float64 is looked up by gsq_kernels.lookup.sorted_search)");
   TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max(), op, ": V=", codebook.size(0),

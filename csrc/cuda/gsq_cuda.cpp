@@ -181,7 +181,7 @@ at::Tensor nearest_code_sorted_cuda(const at::Tensor& z_in, const at::Tensor& co
   const int64_t dim = z_in.size(1);
   TORCH_CHECK(dim == 1 || (dim == 2 && l2_normalize), op,
               ": the sorted search covers d = 1, and d = 2 with l2 on; got d=", dim,
-              " with l2_normalize=", l2_normalize);
+              " with l2_normalize=", l2_normalize ? "True" : "False");
   TORCH_CHECK(compute_dtype(z_in) == at::kFloat, op,
               ": z must be float32, float16 or bfloat16, got ", z_in.scalar_type(),
               " (float64 is looked up by gsq_kernels.lookup.sorted_search)");

@@ -54,4 +54,12 @@ TORCH_LIBRARY(gsq, m) {
   // to float32 (raw z and c_j when l2 is off), as if computed exactly. z float32/16/bf16.
   m.def("nearest_code_sorted(Tensor z, Tensor codebook, float eps, bool l2_normalize) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // The exact lookup's refinement (CPU): indices (A,) int64, for each row of the lookup vectors
+  // (A, d) float32 the code j minimizing ||n - c_j||^2 in float64 (lowest index on ties) among
+  // those whose float32 score <n, c_j> + bias_j reaches threshold (A,); -1 where none does.
+  // codes_t (d, V) holds the lookup vectors c_j transposed, bias (V,) float32.
+  m.def(
+      "refine_nearest_code(Tensor vectors, Tensor codes_t, Tensor bias, Tensor threshold) -> "
+      "Tensor",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -26,7 +26,7 @@ from .reference import compute_dtype, l2
 def nearest_code_exact(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool, backend: str) -> Tensor:
     chosen = dispatch.BACKENDS[backend]
     return lookup.exact_nearest_code(
-        z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap, chosen.nearest_code_sorted
+        z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap, chosen.nearest_code_sorted, chosen.refine
     )
 
 
@@ -55,14 +55,14 @@ def quantize_exact(
     fused = chosen.quantize_forward_with_gap
     if fused is None or lookup.uses_sorted_search(z.shape[1], l2_normalize):
         indices = lookup.exact_nearest_code(
-            z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap, chosen.nearest_code_sorted
+            z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap, chosen.nearest_code_sorted, chosen.refine
         )
         with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
             quantized, loss_rows = _at_indices(z, codebook, indices, beta, eps, l2_normalize)
         return quantized, indices, loss_rows
     with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
         quantized, indices, loss_rows, gap = fused(z, codebook, beta, eps, l2_normalize)
-        rows, winners = lookup.refine_ambiguous_rows(z, codebook, eps, l2_normalize, indices, gap)
+        rows, winners = lookup.refine_ambiguous_rows(z, codebook, eps, l2_normalize, indices, gap, chosen.refine)
         if rows.numel():
             indices[rows] = winners
             quantized[rows], loss_rows[rows] = _at_indices(z[rows], codebook, winners, beta, eps, l2_normalize)

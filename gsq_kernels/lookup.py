@@ -95,9 +95,11 @@ def exact_nearest_code(
     l2_normalize: bool,
     scan_with_gap: Callable[[Tensor, Tensor, float, bool], tuple[Tensor, Tensor]],
     sorted_kernel: Callable[[Tensor, Tensor, float, bool], Tensor] | None = None,
+    refine_kernel: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Exact nearest-code indices (M,) for group vectors z (M, d); rows holding NaN/inf get 0.
-    sorted_kernel: a backend's sorted search (d <= 2, float32), else sorted_search below."""
+    sorted_kernel: a backend's sorted search (d <= 2, float32), else sorted_search below;
+    refine_kernel: a backend's refinement (float32; see refine_ambiguous_rows)."""
     with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
         if uses_sorted_search(z.shape[1], l2_normalize):
             if sorted_kernel is not None and compute_dtype(z) == torch.float32:
@@ -106,7 +108,7 @@ def exact_nearest_code(
             return torch.where(torch.isfinite(z).all(dim=1), sorted_search(vectors, codes), 0)
         # The scans already give NaN/inf rows index 0 and gap +inf, which the refinement leaves alone.
         indices, gap = scan_with_gap(z, codebook, eps, l2_normalize)
-        rows, winners = refine_ambiguous_rows(z, codebook, eps, l2_normalize, indices, gap)
+        rows, winners = refine_ambiguous_rows(z, codebook, eps, l2_normalize, indices, gap, refine_kernel)
         return indices.index_put((rows,), winners)
 
 
@@ -160,11 +162,19 @@ def scan_error_bound(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool
 
 
 def refine_ambiguous_rows(
-    z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool, indices: Tensor, gap: Tensor
+    z: Tensor,
+    codebook: Tensor,
+    eps: float,
+    l2_normalize: bool,
+    indices: Tensor,
+    gap: Tensor,
+    refine_kernel: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(rows, their nearest codes): the rows of a scan whose gap is within the rounding bound,
     decided in float64; every other row keeps the scan's index. One host synchronization (how
-    many rows are ambiguous); z and the codebook are normalized only when some row is."""
+    many rows are ambiguous); z and the codebook are normalized only when some row is.
+    refine_kernel (vectors, codes_t, bias, threshold) -> indices: a backend's kernel for the
+    float32 case of _nearest_among_close_scores (gsq::refine_nearest_code), else torch ops."""
     if z.shape[0] == 0:
         return indices[:0], indices[:0]
     bound = scan_error_bound(z, codebook, eps, l2_normalize)
@@ -173,10 +183,10 @@ def refine_ambiguous_rows(
         return rows, indices[:0]
     vectors, codes = lookup_vectors(z[rows], codebook, eps, l2_normalize)
     row_bound = bound if bound.dim() == 0 else bound[rows]
-    return rows, _nearest_among_close_scores(vectors, codes, indices[rows], row_bound, l2_normalize)
+    return rows, _nearest_among_close_scores(vectors, codes, indices[rows], row_bound, l2_normalize, refine_kernel)
 
 
-def _nearest_among_close_scores(vectors, codes, scan_winner, bound, l2_normalize: bool) -> Tensor:
+def _nearest_among_close_scores(vectors, codes, scan_winner, bound, l2_normalize: bool, kernel=None) -> Tensor:
     """argmin_j ||v - c_j||^2 in float64 over the codes whose fp32 score reaches s_w - bound, with
     s_w the scan winner's score in float64. The nearest code j* is among them: it is at least as
     near as w, so its exact score is >= s_w - (half the norm spread), and our fp32 score of it is
@@ -190,6 +200,11 @@ def _nearest_among_close_scores(vectors, codes, scan_winner, bound, l2_normalize
     # Rounded down into the scores' precision, so the fp32 comparison keeps a superset.
     threshold = (winner_score - bound).to(vectors.dtype)
     threshold = torch.nextafter(threshold, torch.full_like(threshold, -math.inf))
+    if kernel is not None and vectors.dtype == torch.float32:
+        # One pass per row: the float32 scores of a block of codes, float64 only past the threshold
+        # (the torch ops below spend most of their time finding those few codes).
+        bias = torch.zeros_like(codes[:, 0]) if half_norms is None else -half_norms
+        return kernel(vectors, codes.t().contiguous(), bias, threshold)
     out = torch.empty(vectors.shape[0], dtype=torch.int64, device=vectors.device)
     step = max(1, FLOAT64_CHUNK_ELEMENTS // codes.shape[0])
     for start in range(0, vectors.shape[0], step):

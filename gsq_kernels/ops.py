@@ -119,9 +119,22 @@ def nearest_code_sorted(z: Tensor, codebook: Tensor, eps: float, l2_normalize: b
     return torch.ops.gsq.nearest_code_sorted(z, codebook, eps, l2_normalize)
 
 
+def refine_nearest_code(vectors: Tensor, codes_t: Tensor, bias: Tensor, threshold: Tensor) -> Tensor:
+    """The exact lookup's refinement on the CPU (float32): per row, the float64-nearest code among
+    those whose float32 score <n, c_j> + bias_j reaches threshold; -1 where none does."""
+    return torch.ops.gsq.refine_nearest_code(vectors, codes_t, bias, threshold)
+
+
 def has_op(name: str) -> bool:
     """Whether the loaded extension defines gsq::name (an older build still loads without it)."""
     return OPS_AVAILABLE and hasattr(torch.ops.gsq, name)
+
+
+if has_op("refine_nearest_code"):
+
+    @torch.library.register_fake("gsq::refine_nearest_code")
+    def _refine_nearest_code_fake(vectors, codes_t, bias, threshold):
+        return vectors.new_empty((vectors.shape[0],), dtype=torch.int64)
 
 
 if has_op("nearest_code_sorted"):

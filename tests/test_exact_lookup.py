@@ -4,11 +4,13 @@ The oracle (gsq_kernels.lookup.nearest_code_float64) ranks ||n - c^_j||^2 comput
 the fp32 vectors, first minimum = lowest index. lookup="dot" keeps the fp32 dot product.
 """
 
+import math
+
 import pytest
 import torch
 
 import gsq_kernels
-from gsq_kernels import lookup, nearest_code_indices, reference, spherical_init
+from gsq_kernels import lookup, nearest_code_indices, ops, reference, spherical_init
 from gsq_kernels.lookup import lookup_vectors, nearest_code_float64, sorted_search
 from parity import triton_interpreted
 from sorted_cases import HARD_CASES, hard_codebook
@@ -173,6 +175,32 @@ def test_refinement_redecides_only_ambiguous_rows():
     assert torch.equal(rows, torch.arange(50)) and torch.equal(winners, truth)
     rows, winners = lookup.refine_ambiguous_rows(z, codebook, 1e-12, True, wrong, large_gap)
     assert rows.numel() == 0 and winners.numel() == 0
+
+
+@pytest.mark.skipif(gsq_kernels.dispatch.BACKENDS["cpu"].refine is None, reason="extension without the op")
+@pytest.mark.parametrize("d", [3, 4, 16, 64])
+@pytest.mark.parametrize("l2_normalize", [True, False])
+def test_refine_kernel_matches_the_torch_refinement(d, l2_normalize):
+    """gsq::refine_nearest_code (the CPU backend's refinement) decides as the torch ops do: every row
+    made ambiguous (gap 0), and the kernel alone over all codes (threshold -inf) or none (+inf)."""
+    torch.manual_seed(3)
+    codebook = spherical_init(3001, d) if l2_normalize else torch.randn(3001, d)
+    z = torch.randn(500, d)
+    indices, gap = ops.nearest_code_with_gap(z, codebook, 1e-12, l2_normalize)
+    ambiguous = torch.zeros_like(gap)
+    rows, torch_winners = lookup.refine_ambiguous_rows(z, codebook, 1e-12, l2_normalize, indices, ambiguous)
+    kernel = gsq_kernels.dispatch.BACKENDS["cpu"].refine
+    same_rows, kernel_winners = lookup.refine_ambiguous_rows(
+        z, codebook, 1e-12, l2_normalize, indices, ambiguous, kernel
+    )
+    assert torch.equal(rows, same_rows) and torch.equal(kernel_winners, torch_winners)
+    assert torch.equal(kernel_winners, _oracle(z, codebook, l2_normalize)[rows])
+    vectors, codes = lookup_vectors(z, codebook, 1e-12, l2_normalize)
+    bias = torch.zeros(3001)
+    everything = kernel(vectors, codes.t().contiguous(), bias, torch.full((500,), -math.inf))
+    assert torch.equal(everything, nearest_code_float64(vectors, codes))
+    nothing = kernel(vectors, codes.t().contiguous(), bias, torch.full((500,), math.inf))
+    assert (nothing == -1).all()
 
 
 # The sorted search (d <= 2): lookup.py's, in torch ops (the reference backend, float64), and

@@ -47,6 +47,13 @@ def test_opcheck_nearest_code_sorted(d, l2_normalize):
             torch.library.opcheck(torch.ops.gsq.nearest_code_sorted.default, (z, codebook, 1e-12, l2_normalize))
 
 
+def test_opcheck_refine_nearest_code():
+    for rows, d, codes in ((37, 4, 19), (0, 3, 5), (5, 64, 300)):
+        vectors, codes_t = torch.randn(rows, d), torch.randn(d, codes)
+        args = (vectors, codes_t, torch.randn(codes), torch.randn(rows))
+        torch.library.opcheck(torch.ops.gsq.refine_nearest_code.default, args)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("layout", ["image", "sequence"])
 def test_torch_compile_fullgraph(backend, layout):

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "gsq_cpu_kernels.h"
+#include "gsq_cpu_refine.h"
 #include "gsq_cpu_sorted_search.h"
 
 namespace gsq_cpu {
@@ -396,6 +397,38 @@ at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebo
   return indices;
 }
 
+at::Tensor refine_nearest_code_cpu(const at::Tensor& vectors, const at::Tensor& codes_t,
+                                   const at::Tensor& bias, const at::Tensor& threshold) {
+  const char* op = "gsq::refine_nearest_code";
+  TORCH_CHECK(vectors.device().is_cpu() && codes_t.device().is_cpu() && bias.device().is_cpu() &&
+                  threshold.device().is_cpu(),
+              op, ": expected CPU tensors");
+  TORCH_CHECK(vectors.dim() == 2 && codes_t.dim() == 2 && vectors.size(1) == codes_t.size(0), op,
+              ": vectors must be (A, d) and codes_t (d, V), got ", vectors.sizes(), " and ",
+              codes_t.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == codes_t.size(1), op, ": bias must be (",
+              codes_t.size(1), ",), got ", bias.sizes());
+  TORCH_CHECK(threshold.dim() == 1 && threshold.size(0) == vectors.size(0), op,
+              ": threshold must be (", vectors.size(0), ",), got ", threshold.sizes());
+  for (const at::Tensor* t : {&vectors, &codes_t, &bias, &threshold}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": every input must be float32, got ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(vectors.size(1) <= std::numeric_limits<int32_t>::max(), op, ": d too large");
+  const at::Tensor v = vectors.contiguous(), c = codes_t.contiguous(), b = bias.contiguous();
+  const at::Tensor t = threshold.contiguous();
+  at::Tensor indices = at::empty({vectors.size(0)}, vectors.options().dtype(at::kLong));
+  const float *v_ptr = v.data_ptr<float>(), *c_ptr = c.data_ptr<float>();
+  const float *b_ptr = b.data_ptr<float>(), *t_ptr = t.data_ptr<float>();
+  int64_t* out = indices.data_ptr<int64_t>();
+  const int dim = static_cast<int>(vectors.size(1));
+  const int64_t num_codes = codes_t.size(1);
+  at::parallel_for(0, vectors.size(0), 4, [&](int64_t begin, int64_t end) {
+    refine_rows(v_ptr, dim, c_ptr, b_ptr, num_codes, t_ptr, begin, end, out);
+  });
+  return indices;
+}
+
 template <typename T>
 void run_backward(const at::Tensor& grad_quantized, const at::Tensor& grad_loss_rows,
                   const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& indices,
@@ -483,6 +516,7 @@ TORCH_LIBRARY_IMPL(gsq, CPU, m) {
   m.impl("nearest_code_with_gap", &gsq_cpu::nearest_code_with_gap_cpu);
   m.impl("quantize_forward_with_gap", &gsq_cpu::quantize_forward_with_gap_cpu);
   m.impl("nearest_code_sorted", &gsq_cpu::nearest_code_sorted_cpu);
+  m.impl("refine_nearest_code", &gsq_cpu::refine_nearest_code_cpu);
 }
 
 TORCH_LIBRARY_FRAGMENT(gsq, m) {

@@ -33,6 +33,9 @@ class Backend:
     # with l2 on, for float32 compute (lookup.py's sorted search in one kernel); None: lookup.py's
     # own sorted search runs in torch ops
     nearest_code_sorted: Callable[[Tensor, Tensor, float, bool], Tensor] | None = None
+    # (vectors, codes_t, bias, threshold) -> indices: the exact lookup's refinement of the rows a
+    # scan leaves ambiguous, for float32 (gsq::refine_nearest_code); None: torch ops (lookup.py)
+    refine: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None
     # (grad_quantized, grad_loss_rows, z, codebook, indices, beta, eps, l2_normalize)
     #   -> (grad_z, grad_codebook): the fused backward for given indices; None for the reference,
     # whose exact-mode forward is differentiated by autograd

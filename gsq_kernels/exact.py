@@ -22,12 +22,16 @@ from .ops import register_quantize_autograd
 from .reference import compute_dtype, l2
 
 
-@torch.library.custom_op("gsq_kernels::nearest_code_exact", mutates_args=())
-def nearest_code_exact(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool, backend: str) -> Tensor:
-    chosen = dispatch.BACKENDS[backend]
+def _exact_indices(chosen, z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool) -> Tensor:
+    """lookup.exact_nearest_code through the kernels the backend has."""
     return lookup.exact_nearest_code(
         z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap, chosen.nearest_code_sorted, chosen.refine
     )
+
+
+@torch.library.custom_op("gsq_kernels::nearest_code_exact", mutates_args=())
+def nearest_code_exact(z: Tensor, codebook: Tensor, eps: float, l2_normalize: bool, backend: str) -> Tensor:
+    return _exact_indices(dispatch.BACKENDS[backend], z, codebook, eps, l2_normalize)
 
 
 @nearest_code_exact.register_fake
@@ -54,9 +58,7 @@ def quantize_exact(
     chosen = dispatch.BACKENDS[backend]
     fused = chosen.quantize_forward_with_gap
     if fused is None or lookup.uses_sorted_search(z.shape[1], l2_normalize):
-        indices = lookup.exact_nearest_code(
-            z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap, chosen.nearest_code_sorted, chosen.refine
-        )
+        indices = _exact_indices(chosen, z, codebook, eps, l2_normalize)
         with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
             quantized, loss_rows = _at_indices(z, codebook, indices, beta, eps, l2_normalize)
         return quantized, indices, loss_rows

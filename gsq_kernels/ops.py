@@ -19,6 +19,13 @@ from ._extension import STATUS
 from .reference import compute_dtype
 
 OPS_AVAILABLE = STATUS.loaded and hasattr(torch.ops.gsq, "quantize_forward")
+
+
+def has_op(name: str) -> bool:
+    """Whether the loaded extension defines gsq::name (an older build still loads without it)."""
+    return OPS_AVAILABLE and hasattr(torch.ops.gsq, name)
+
+
 CPU_ISAS = ("auto", "generic", "avx2", "avx512")  # what set_cpu_isa accepts
 
 
@@ -104,7 +111,7 @@ def nearest_code_with_gap(z: Tensor, codebook: Tensor, eps: float, l2_normalize:
 
 
 # An extension built before this op existed still loads; it just lacks the op.
-if OPS_AVAILABLE and hasattr(torch.ops.gsq, "nearest_code_with_gap"):
+if has_op("nearest_code_with_gap"):
 
     @torch.library.register_fake("gsq::nearest_code_with_gap")
     def _nearest_code_with_gap_fake(z, codebook, eps, l2_normalize):
@@ -123,11 +130,6 @@ def refine_nearest_code(vectors: Tensor, codes_t: Tensor, bias: Tensor, threshol
     """The exact lookup's refinement on the CPU (float32): per row, the float64-nearest code among
     those whose float32 score <n, c_j> + bias_j reaches threshold; -1 where none does."""
     return torch.ops.gsq.refine_nearest_code(vectors, codes_t, bias, threshold)
-
-
-def has_op(name: str) -> bool:
-    """Whether the loaded extension defines gsq::name (an older build still loads without it)."""
-    return OPS_AVAILABLE and hasattr(torch.ops.gsq, name)
 
 
 if has_op("refine_nearest_code"):
@@ -153,7 +155,7 @@ def quantize_forward_with_gap(
     return torch.ops.gsq.quantize_forward_with_gap(z, codebook, beta, eps, l2_normalize)
 
 
-if OPS_AVAILABLE and hasattr(torch.ops.gsq, "quantize_forward_with_gap"):
+if has_op("quantize_forward_with_gap"):
 
     @torch.library.register_fake("gsq::quantize_forward_with_gap")
     def _quantize_forward_with_gap_fake(z, codebook, beta, eps, l2_normalize):

@@ -22,6 +22,7 @@
 #include "gsq_cpu_kernels.h"
 #include "gsq_cpu_refine.h"
 #include "gsq_cpu_sorted_search.h"
+#include "gsq_sorted_search_checks.h"
 
 namespace gsq_cpu {
 namespace {
@@ -361,12 +362,7 @@ at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebo
                                    bool l2_normalize) {
   const char* op = "gsq::nearest_code_sorted";
   check_z_and_codebook(op, z, codebook);
-  const int64_t dim = z.size(1);
-  TORCH_CHECK(dim == 1 || (dim == 2 && l2_normalize), op,
-              ": the sorted search covers d = 1, and d = 2 with l2 on; got d=", dim,
-              " with l2_normalize=", l2_normalize ? "True" : "False");
-  TORCH_CHECK(compute_dtype(z) == at::kFloat, op, ": z must be float32, float16 or bfloat16, got ",
-              z.scalar_type(), " (float64 is looked up by gsq_kernels.lookup.sorted_search)");
+  gsq_sorted::check_sorted_search(op, z, l2_normalize);
   TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max(), op, ": V=", codebook.size(0),
               " exceeds the sorted search's limit of ", std::numeric_limits<int32_t>::max());
   const at::Tensor zc = z.to(at::kFloat).contiguous();

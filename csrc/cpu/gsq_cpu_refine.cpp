@@ -6,18 +6,7 @@
 #include <cstdint>
 #include <limits>
 
-// The distances must round as the oracle's do (squares, then sums in order), without FMA.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GSQ_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GSQ_SIMD_CLONES
-#endif
+#include "gsq_cpu_exact_float.h"
 
 namespace gsq_cpu {
 namespace {

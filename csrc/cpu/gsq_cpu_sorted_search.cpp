@@ -13,21 +13,7 @@
 #include <immintrin.h>
 #endif
 
-// The distances must round as the oracle's do: two squares, then a sum. A fused multiply-add
-// would round once less and could order two nearly equal distances differently.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-// The classification of the codes is the only O(V) arithmetic: built once per instruction set
-// and picked at load time (the rest of this file runs the default target).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GSQ_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GSQ_SIMD_CLONES
-#endif
+#include "gsq_cpu_exact_float.h"
 
 namespace gsq_cpu {
 namespace {

@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "gsq_cuda_kernels.h"
+#include "gsq_sorted_search_checks.h"
 
 namespace gsq_cuda {
 namespace {
@@ -178,13 +179,8 @@ at::Tensor nearest_code_sorted_cuda(const at::Tensor& z_in, const at::Tensor& co
                                     double eps, bool l2_normalize) {
   const char* op = "gsq::nearest_code_sorted";
   check_z_and_codebook(op, z_in, codebook_in);
+  gsq_sorted::check_sorted_search(op, z_in, l2_normalize);
   const int64_t dim = z_in.size(1);
-  TORCH_CHECK(dim == 1 || (dim == 2 && l2_normalize), op,
-              ": the sorted search covers d = 1, and d = 2 with l2 on; got d=", dim,
-              " with l2_normalize=", l2_normalize ? "True" : "False");
-  TORCH_CHECK(compute_dtype(z_in) == at::kFloat, op,
-              ": z must be float32, float16 or bfloat16, got ", z_in.scalar_type(),
-              " (float64 is looked up by gsq_kernels.lookup.sorted_search)");
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.to(at::kFloat).contiguous();
   const at::Tensor codebook = codebook_in.contiguous();

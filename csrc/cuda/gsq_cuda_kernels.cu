@@ -918,6 +918,34 @@ size_t sort_scratch_bytes(int64_t num_rows, int64_t num_codes) {
 #endif
 }
 
+// (keys, values) sorted by key, stably (equal keys keep their order), for keys in [0, key_range):
+// cub's radix sort over the key's low bits, or on the host under the emulation. scratch holds
+// sort_scratch_bytes(count, key_range).
+cudaError_t sort_pairs(const unsigned long long* keys, unsigned long long* sorted_keys,
+                       const int64_t* values, int64_t* sorted_values, int64_t count,
+                       int64_t key_range, void* scratch, size_t scratch_bytes,
+                       cudaStream_t stream) {
+#if defined(GSQ_CUDA_EMULATION)
+  (void)key_range;
+  (void)scratch;
+  (void)scratch_bytes;
+  (void)stream;
+  std::vector<std::pair<unsigned long long, int64_t>> pairs(count);
+  for (int64_t i = 0; i < count; ++i) pairs[i] = {keys[i], values[i]};
+  std::stable_sort(pairs.begin(), pairs.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (int64_t i = 0; i < count; ++i) {
+    sorted_keys[i] = pairs[i].first;
+    sorted_values[i] = pairs[i].second;
+  }
+  return cudaSuccess;
+#else
+  return cub::DeviceRadixSort::SortPairs(scratch, scratch_bytes, keys, sorted_keys, values,
+                                         sorted_values, static_cast<int>(count), 0,
+                                         key_bits(key_range), stream);
+#endif
+}
+
 int64_t grad_chunks(int64_t num_rows) { return (num_rows + kGradChunk - 1) / kGradChunk; }
 
 BackwardWorkspace carve_workspace(void* base, int64_t num_rows, int64_t num_codes, int d,
@@ -950,25 +978,12 @@ cudaError_t sort_rows_by_code(const int64_t* indices, const BackwardWorkspace& w
              w.row_ids, num_rows);
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-#if defined(GSQ_CUDA_EMULATION)
-  // Emulation: the stable sort cub's radix sort performs, on the host.
-  std::vector<std::pair<int64_t, int64_t>> pairs(num_rows);
-  for (int64_t i = 0; i < num_rows; ++i) pairs[i] = {indices[i], w.row_ids[i]};
-  std::stable_sort(pairs.begin(), pairs.end(),
-                   [](const auto& a, const auto& b) { return a.first < b.first; });
-  for (int64_t i = 0; i < num_rows; ++i) {
-    w.sorted_codes[i] = pairs[i].first;
-    w.rows_by_code[i] = pairs[i].second;
-  }
-#else
-  size_t bytes = w.sort_scratch_bytes;
   // Radix sort is stable: each code's rows stay in increasing row order.
-  status = cub::DeviceRadixSort::SortPairs(
-      w.sort_scratch, bytes, reinterpret_cast<const unsigned long long*>(indices),
-      reinterpret_cast<unsigned long long*>(w.sorted_codes), w.row_ids, w.rows_by_code,
-      static_cast<int>(num_rows), 0, key_bits(num_codes), stream);
+  status =
+      sort_pairs(reinterpret_cast<const unsigned long long*>(indices),
+                 reinterpret_cast<unsigned long long*>(w.sorted_codes), w.row_ids, w.rows_by_code,
+                 num_rows, num_codes, w.sort_scratch, w.sort_scratch_bytes, stream);
   if (status != cudaSuccess) return status;
-#endif
   auto* starts = &bucket_start_kernel;
   GSQ_LAUNCH(starts, blocks_for(num_codes + 1, kThreadsPerRowKernel), kThreadsPerRowKernel, stream,
              w.sorted_codes, num_rows, num_codes, w.bucket_start);
@@ -1331,23 +1346,9 @@ cudaError_t sorted_search(const float* z, int64_t num_rows, int dim, const float
   cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   const int64_t max_buckets = sorted_max_buckets(num_codes);
-#if defined(GSQ_CUDA_EMULATION)
-  // Emulation: the stable sort cub's radix sort performs, on the host.
-  std::vector<std::pair<unsigned long long, int64_t>> pairs(num_codes);
-  for (int64_t j = 0; j < num_codes; ++j) pairs[j] = {w.keys[j], w.codes[j]};
-  std::stable_sort(pairs.begin(), pairs.end(),
-                   [](const auto& a, const auto& b) { return a.first < b.first; });
-  for (int64_t j = 0; j < num_codes; ++j) {
-    w.sorted_keys[j] = pairs[j].first;
-    w.sorted_codes[j] = pairs[j].second;
-  }
-#else
-  size_t bytes = w.sort_scratch_bytes;
-  status = cub::DeviceRadixSort::SortPairs(w.sort_scratch, bytes, w.keys, w.sorted_keys, w.codes,
-                                           w.sorted_codes, static_cast<int>(num_codes), 0,
-                                           key_bits(max_buckets + 2), stream);
+  status = sort_pairs(w.keys, w.sorted_keys, w.codes, w.sorted_codes, num_codes, max_buckets + 2,
+                      w.sort_scratch, w.sort_scratch_bytes, stream);
   if (status != cudaSuccess) return status;
-#endif
   auto* starts = &bucket_start_kernel;
   GSQ_LAUNCH(starts, blocks_for(max_buckets + 2, kThreadsPerRowKernel), kThreadsPerRowKernel,
              stream, reinterpret_cast<const int64_t*>(w.sorted_keys), num_codes, max_buckets + 1,

@@ -54,6 +54,13 @@ TORCH_LIBRARY(gsq, m) {
   // to float32 (raw z and c_j when l2 is off), as if computed exactly. z float32/16/bf16.
   m.def("nearest_code_sorted(Tensor z, Tensor codebook, float eps, bool l2_normalize) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  // quantize_forward with the indices of nearest_code_sorted (same inputs and limits): the exact
+  // lookup's forward for d = 1, and d = 2 with l2 on, in one call. loss_rows is computed from the
+  // lookup vector n = l2(z) that the search ranks.
+  m.def(
+      "quantize_forward_sorted(Tensor z, Tensor codebook, float beta, float eps, "
+      "bool l2_normalize) -> (Tensor quantized, Tensor indices, Tensor loss_rows)",
+      {at::Tag::pt2_compliant_tag});
   // The exact lookup's refinement (CPU): indices (A,) int64, for each row of the lookup vectors
   // (A, d) float32 the code j minimizing ||n - c_j||^2 in float64 (lowest index on ties) among
   // those whose float32 score <n, c_j> + bias_j reaches threshold (A,); -1 where none does.

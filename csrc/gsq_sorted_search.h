@@ -239,19 +239,11 @@ GSQ_HOST_DEVICE inline int64_t row_key_bucket(const SortedView& s, const double*
   return row_bucket(s, key);
 }
 
-// Widens `best` (already holding the short codes) to the nearest code of row n. Returns false if
-// that needs a bucket that is not built.
-GSQ_HOST_DEVICE inline bool search_row(const SortedView& s, const double* n, Best& best) {
+// search_row for a row that does not need every bucket, given its key and bucket
+// (row_key_bucket).
+GSQ_HOST_DEVICE inline bool search_row_from(const SortedView& s, const double* n, double key,
+                                            int64_t b, Best& best) {
   const int64_t B = s.num_buckets;
-  if (needs_every_bucket(s.dim, n)) {
-    for (int64_t b = 0; b < B; ++b) {
-      if (s.built != nullptr && !s.built[b]) return false;
-      scan_bucket(s, b, n, best);
-    }
-    return true;
-  }
-  double key;
-  const int64_t b = row_key_bucket(s, n, key);
   if (s.built != nullptr && !s.built[b]) return false;
   scan_bucket(s, b, n, best);
   // The window b - done .. b + done is scanned; it doubles until the bound proves the winner, so
@@ -265,9 +257,9 @@ GSQ_HOST_DEVICE inline bool search_row(const SortedView& s, const double* n, Bes
       // Stop once the buckets scanned cover all (d = 2: 2w - 1 of them; d = 1: both ends).
       if (s.dim == 2 ? 2 * w - 1 >= B : (b - w < 0 && b + w >= B)) break;
       int64_t left = b - w, right = b + w;
-      if (s.dim == 2) {
-        left = ((left % B) + B) % B;
-        right %= B;
+      if (s.dim == 2) {  // the circle: B is a power of two, so & (B - 1) is the modulo
+        left &= B - 1;
+        right &= B - 1;
       }
       const bool has_left = left >= 0, has_right = right < B && right != left;
       if (s.built != nullptr && ((has_left && !s.built[left]) || (has_right && !s.built[right]))) {
@@ -278,6 +270,21 @@ GSQ_HOST_DEVICE inline bool search_row(const SortedView& s, const double* n, Bes
     }
     done = next;
   }
+}
+
+// Widens `best` (already holding the short codes) to the nearest code of row n. Returns false if
+// that needs a bucket that is not built.
+GSQ_HOST_DEVICE inline bool search_row(const SortedView& s, const double* n, Best& best) {
+  if (needs_every_bucket(s.dim, n)) {
+    for (int64_t b = 0; b < s.num_buckets; ++b) {
+      if (s.built != nullptr && !s.built[b]) return false;
+      scan_bucket(s, b, n, best);
+    }
+    return true;
+  }
+  double key;
+  const int64_t b = row_key_bucket(s, n, key);
+  return search_row_from(s, n, key, b, best);
 }
 
 }  // namespace gsq_sorted

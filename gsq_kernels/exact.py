@@ -7,6 +7,7 @@
 quantize_exact runs the backend's fused forward with the gap to the runner-up in one scan
 (quantize_forward_with_gap) and recomputes only the rows the refinement re-decides; at d <= 2 (the
 backend's sorted-search kernel) and for a backend without that op it looks up first, then gathers.
+Where a backend has the sorted search as one op (sorted_op), functional.py calls it directly.
 
 At d >= 3 the refinement sizes its float64 pass from the data (how many rows are ambiguous), so it
 synchronizes with the device once per call: capture CUDA graphs with lookup="dot".
@@ -27,6 +28,15 @@ def _exact_indices(chosen, z: Tensor, codebook: Tensor, eps: float, l2_normalize
     return lookup.exact_nearest_code(
         z, codebook, eps, l2_normalize, chosen.nearest_code_with_gap, chosen.nearest_code_sorted, chosen.refine
     )
+
+
+def sorted_op(chosen, name: str, z: Tensor, l2_normalize: bool):
+    """The backend's one-op sorted search `name` ("nearest_code_sorted" or "quantize_sorted") when
+    it applies to the group vectors z (d = 1, or d = 2 with l2 on; float32 compute), else None:
+    called directly, it spares the custom op's Python layer that the general path needs."""
+    if not lookup.uses_sorted_search(z.shape[1], l2_normalize) or compute_dtype(z) != torch.float32:
+        return None
+    return getattr(chosen, name)
 
 
 @torch.library.custom_op("gsq_kernels::nearest_code_exact", mutates_args=())

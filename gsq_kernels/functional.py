@@ -163,8 +163,11 @@ def grouped_spherical_quantize(
     """
     chosen, rows, shape, codebook_c = _prepare(z, codebook, groups, beta, eps, backend, lookup, check_finite)
     beta, eps, l2_normalize = _scalar(beta), _scalar(eps), bool(l2_normalize)
+    quantize_sorted = exact.sorted_op(chosen, "quantize_sorted", rows, l2_normalize)
     if lookup == "dot":
         quantized_rows, index_rows, loss = chosen.quantize(rows, codebook_c, beta, eps, l2_normalize)
+    elif quantize_sorted is not None:
+        quantized_rows, index_rows, loss = quantize_sorted(rows, codebook_c, beta, eps, l2_normalize)
     elif chosen.backward is None:  # the reference: autograd differentiates its forward
         index_rows = exact.nearest_code_exact(rows, codebook_c.detach(), eps, l2_normalize, chosen.name)
         quantized_rows, _, loss = reference.quantize(rows, codebook_c, beta, eps, l2_normalize, index_rows)
@@ -192,9 +195,12 @@ def nearest_code_indices(
     """The lookup alone (tokenization): indices shaped as grouped_spherical_quantize returns them."""
     chosen, rows, shape, codebook_c = _prepare(z, codebook, groups, 0.0, eps, backend, lookup, check_finite)
     eps, l2_normalize = _scalar(eps), bool(l2_normalize)
+    nearest_sorted = exact.sorted_op(chosen, "nearest_code_sorted", rows, l2_normalize)
     with torch.no_grad():
         if lookup == "dot":
             index_rows = chosen.nearest_code(rows, codebook_c.detach(), eps, l2_normalize)
+        elif nearest_sorted is not None:
+            index_rows = nearest_sorted(rows, codebook_c.detach(), eps, l2_normalize)
         else:
             index_rows = exact.nearest_code_exact(rows, codebook_c.detach(), eps, l2_normalize, chosen.name)
     return index_rows.reshape(shape[:-1] + (groups,))

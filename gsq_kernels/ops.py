@@ -126,6 +126,15 @@ def nearest_code_sorted(z: Tensor, codebook: Tensor, eps: float, l2_normalize: b
     return torch.ops.gsq.nearest_code_sorted(z, codebook, eps, l2_normalize)
 
 
+def quantize_sorted(
+    z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(quantized, indices, loss), differentiable, with nearest_code_sorted's exact indices: the
+    exact lookup's forward for d = 1, and d = 2 with l2 on, in one op; float32 compute only."""
+    quantized, indices, loss_rows = torch.ops.gsq.quantize_forward_sorted(z, codebook, beta, eps, l2_normalize)
+    return quantized, indices, loss_from_rows(loss_rows, z)
+
+
 def refine_nearest_code(vectors: Tensor, codes_t: Tensor, bias: Tensor, threshold: Tensor) -> Tensor:
     """The exact lookup's refinement on the CPU (float32): per row, the float64-nearest code among
     those whose float32 score <n, c_j> + bias_j reaches threshold; -1 where none does."""
@@ -145,6 +154,11 @@ if has_op("nearest_code_sorted"):
     def _nearest_code_sorted_fake(z, codebook, eps, l2_normalize):
         torch._check(z.dim() == 2 and codebook.dim() == 2, lambda: "z and codebook must be 2-D")
         return z.new_empty((z.shape[0],), dtype=torch.int64)
+
+
+if has_op("quantize_forward_sorted"):
+    torch.library.register_fake("gsq::quantize_forward_sorted")(_quantize_forward_fake)
+    register_quantize_autograd("gsq::quantize_forward_sorted", torch.ops.gsq.quantize_backward)
 
 
 def quantize_forward_with_gap(

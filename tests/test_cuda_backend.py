@@ -27,6 +27,7 @@ OPS = (
     "gsq::nearest_code",
     "gsq::nearest_code_with_gap",
     "gsq::nearest_code_sorted",
+    "gsq::quantize_forward_sorted",
 )
 needs_gpu = pytest.mark.skipif(
     not dispatch.BACKENDS["cuda"].available, reason=f"cuda backend unavailable: {dispatch.BACKENDS['cuda'].status}"
@@ -227,6 +228,20 @@ def test_opcheck_nearest_code_sorted():
     for d, l2_normalize in ((1, True), (1, False), (2, True)):
         z, codebook = torch.randn(300, d, device="cuda"), torch.randn(70_000, d, device="cuda")
         torch.library.opcheck(torch.ops.gsq.nearest_code_sorted.default, (z, codebook, 1e-12, l2_normalize))
+
+
+@needs_gpu
+def test_sorted_forward_on_the_gpu_matches_the_cpu_op():
+    """gsq::quantize_forward_sorted on the GPU: the CPU op's indices and codes, its loss rows within
+    float32 rounding; opcheck covers the schema and the autograd registration."""
+    for d, l2_normalize in ((1, True), (1, False), (2, True)):
+        z, codebook = torch.randn(5000, d), gsq_kernels.spherical_init(70_000, d)
+        expected = torch.ops.gsq.quantize_forward_sorted(z, codebook, 0.25, 1e-12, l2_normalize)
+        got = torch.ops.gsq.quantize_forward_sorted(z.cuda(), codebook.cuda(), 0.25, 1e-12, l2_normalize)
+        assert torch.equal(got[1].cpu(), expected[1]) and torch.equal(got[0].cpu(), expected[0])
+        torch.testing.assert_close(got[2].cpu(), expected[2], rtol=1e-5, atol=1e-7)
+        args = (z[:300].cuda().requires_grad_(), codebook.cuda().requires_grad_(), 0.25, 1e-12, l2_normalize)
+        torch.library.opcheck(torch.ops.gsq.quantize_forward_sorted.default, args)
 
 
 @needs_gpu

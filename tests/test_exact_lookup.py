@@ -12,7 +12,7 @@ import torch
 import gsq_kernels
 from gsq_kernels import lookup, nearest_code_indices, ops, reference, spherical_init
 from gsq_kernels.lookup import lookup_vectors, nearest_code_float64, sorted_search
-from parity import triton_interpreted
+from parity import assert_close_to_truth, triton_interpreted
 from sorted_cases import HARD_CASES, hard_codebook
 
 BACKENDS = [b for b in gsq_kernels.available_backends("cpu")]
@@ -260,6 +260,60 @@ def test_sorted_kernel_non_finite_inputs(implementation, d):
     assert torch.equal(got[keep], expected[keep])
     all_nan = torch.full((4, d), float("nan"))
     assert _sorted_search(implementation, z[1:4], all_nan).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d, l2_normalize", [(1, True), (1, False), (2, True)])
+def test_sorted_forward_matches_the_reference_at_the_oracle_indices(backend, d, l2_normalize):
+    """The exact forward where the sorted search applies (the cpu backend: one op,
+    gsq::quantize_forward_sorted, differentiated by its fused backward): the oracle's indices, the
+    codes themselves, and loss and gradients within float32 error of the float64 reference at those
+    indices."""
+    torch.manual_seed(5)
+    codebook = spherical_init(3000, d) if l2_normalize else torch.randn(3000, d)
+    z = torch.randn(2, d, 17, 13)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, d)
+    expected = _oracle(rows, codebook, l2_normalize)
+    z_in, codebook_in = z.clone().requires_grad_(), codebook.clone().requires_grad_()
+    out = gsq_kernels.grouped_spherical_quantize(z_in, codebook_in, 1, backend=backend, l2_normalize=l2_normalize)
+    assert torch.equal(out.indices.reshape(-1), expected)
+    assert torch.equal(out.quantized.permute(0, 2, 3, 1).reshape(-1, d), codebook[expected])
+    (out.quantized.square().sum() + out.loss).backward()
+    grad_z = z_in.grad.permute(0, 2, 3, 1).reshape(-1, d)
+
+    def reference_at_oracle(dtype):
+        z_ref = rows.detach().to(dtype).clone().requires_grad_()
+        codebook_ref = codebook.detach().to(dtype).clone().requires_grad_()
+        quantized, _, loss = reference.quantize(z_ref, codebook_ref, 0.25, 1e-12, l2_normalize, expected)
+        (quantized.square().sum() + loss).backward()
+        return loss.detach(), z_ref.grad, codebook_ref.grad
+
+    loss32, grad_z32, grad_codebook32 = reference_at_oracle(torch.float32)
+    loss64, grad_z64, grad_codebook64 = reference_at_oracle(torch.float64)
+    # The loss sums (c - n)^2 of near codes: cancellation, so float32 error relative to the sum.
+    torch.testing.assert_close(out.loss.double(), loss64, rtol=1e-5, atol=0)
+    assert_close_to_truth(grad_z, grad_z32, grad_z64, torch.float32, "grad z")
+    assert_close_to_truth(codebook_in.grad, grad_codebook32, grad_codebook64, torch.float32, "grad codebook")
+
+
+@pytest.mark.skipif("cpu" not in SORTED_SEARCHES, reason="extension without the cpu sorted search")
+def test_cpu_sorted_search_reuses_its_arrays_safely():
+    """The cpu kernel keeps its arrays between calls, one set per calling thread: calls that grow
+    and shrink them, and calls from several threads at once, all return the oracle's indices."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(6)
+    cases = []
+    for num_codes, rows, d in ((70_000, 300, 2), (5, 40, 2), (262_144, 2048, 2), (1000, 7, 1), (70_000, 5000, 2)):
+        codebook = spherical_init(num_codes, d) if d == 2 else torch.randn(num_codes, 1)
+        z = torch.randn(rows, d)
+        cases.append((z, codebook, _oracle(z, codebook, True)))
+    for z, codebook, expected in cases + cases[::-1]:
+        assert torch.equal(_sorted_search("cpu", z, codebook), expected)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda case: _sorted_search("cpu", case[0], case[1]), cases * 3))
+    for got, (_, _, expected) in zip(results, cases * 3):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("implementation", SORTED_SEARCHES[1:])

@@ -47,6 +47,16 @@ def test_opcheck_nearest_code_sorted(d, l2_normalize):
             torch.library.opcheck(torch.ops.gsq.nearest_code_sorted.default, (z, codebook, 1e-12, l2_normalize))
 
 
+@pytest.mark.parametrize("d, l2_normalize", [(1, True), (1, False), (2, True)])
+def test_opcheck_quantize_forward_sorted(d, l2_normalize):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows, codes in ((37, 19), (5, 3), (0, 5), (300, 70_000)):
+            z = torch.randn(rows, d).to(dtype).requires_grad_()
+            codebook = torch.randn(codes, d).requires_grad_()
+            args = (z, codebook, 0.25, 1e-12, l2_normalize)
+            torch.library.opcheck(torch.ops.gsq.quantize_forward_sorted.default, args)
+
+
 def test_opcheck_refine_nearest_code():
     for rows, d, codes in ((37, 4, 19), (0, 3, 5), (5, 64, 300)):
         vectors, codes_t = torch.randn(rows, d), torch.randn(d, codes)

@@ -285,38 +285,13 @@ class SortedSearch {
       high = *std::max_element(highs.begin(), highs.end());
     }
     sorted_choose_buckets(s_, low, high);
-    const int64_t slots = s_.num_buckets + 1;
-    const auto options = codebook.options();
-    const auto longs = options.dtype(at::kLong), ints = options.dtype(at::kInt);
-    built_ = at::empty({slots + 1 + kBuiltPadding}, options.dtype(at::kByte));
-    built_list_ = at::empty({slots}, ints);
-    chunk_counts_ = at::empty({chunks_ * (slots + 1)}, longs);
-    selected_ = at::empty({s_.num_codes}, ints);
-    selected_bucket_ = at::empty({s_.num_codes}, ints);
-    selected_codes_ = at::empty({s_.num_codes * s_.dim}, options);
-    selected_count_ = at::empty({chunks_}, longs);
-    bucket_start_ = at::empty({slots}, longs);
-    bucket_end_ = at::empty({slots}, longs);
-    members_ = at::empty({s_.num_codes}, ints);
-    member_codes_ = at::empty({s_.num_codes * s_.dim}, options);
-    s_.built = built_.data_ptr<uint8_t>();
-    s_.built_list = built_list_.data_ptr<int32_t>();
-    s_.num_built = &num_built_;
-    s_.chunk_counts = chunk_counts_.data_ptr<int64_t>();
-    s_.selected = selected_.data_ptr<int32_t>();
-    s_.selected_bucket = selected_bucket_.data_ptr<int32_t>();
-    s_.selected_codes = selected_codes_.data_ptr<float>();
-    s_.selected_count = selected_count_.data_ptr<int64_t>();
-    s_.bucket_start = bucket_start_.data_ptr<int64_t>();
-    s_.bucket_end = bucket_end_.data_ptr<int64_t>();
-    s_.members = members_.data_ptr<int32_t>();
-    s_.member_codes = member_codes_.data_ptr<float>();
+    allocate_arrays();
   }
 
-  // row_bucket[i] for the rows of z: the bucket each one starts from (sorted_row_buckets).
-  void row_buckets(const float* z, int64_t num_rows, int64_t* row_bucket) const {
+  // Each row's lookup vector, key and bucket (sorted_prepare_rows).
+  void prepare_rows(const SortedRows& rows, int64_t num_rows) const {
     at::parallel_for(0, num_rows, 256, [&](int64_t begin, int64_t end) {
-      sorted_row_buckets(s_, z, begin, end, row_bucket);
+      sorted_prepare_rows(s_, rows, begin, end);
     });
   }
 
@@ -332,13 +307,47 @@ class SortedSearch {
                      [&](int64_t begin, int64_t end) { sorted_finish_buckets(s_, begin, end); });
   }
 
-  void search(const float* z, int64_t begin, int64_t end, int64_t* indices) const {
+  void search(const SortedRows& rows, int64_t begin, int64_t end, int64_t* indices) const {
     at::parallel_for(begin, end, 256, [&](int64_t first, int64_t last) {
-      sorted_search_rows(s_, z, first, last, indices);
+      sorted_search_rows(s_, rows, first, last, indices);
     });
   }
 
  private:
+  // The arrays of SortedCodes, carved from one buffer that each calling thread keeps between calls
+  // (up to kKeptWorkspaceBytes): fresh pages would fault on every call (glibc returns large blocks
+  // to the system on free), which cost a third of a batch-1 lookup at V = 262,144.
+  void allocate_arrays() {
+    const int64_t slots = s_.num_buckets + 1, codes = s_.num_codes, dim = s_.dim;
+    Layout layout;
+    const size_t built = layout.add<uint8_t>(slots + 1);
+    const size_t built_list = layout.add<int32_t>(slots);
+    const size_t chunk_counts = layout.add<int32_t>(chunks_ * (slots + 1));
+    const size_t selected = layout.add<int32_t>(codes);
+    const size_t selected_bucket = layout.add<int32_t>(codes);
+    const size_t selected_codes = layout.add<float>(codes * dim);
+    const size_t selected_count = layout.add<int64_t>(chunks_);
+    const size_t bucket_start = layout.add<int64_t>(slots);
+    const size_t bucket_end = layout.add<int64_t>(slots);
+    const size_t members = layout.add<int32_t>(codes);
+    const size_t member_codes = layout.add<float>(codes * dim);
+    std::vector<uint8_t>& buffer = layout.bytes > kKeptWorkspaceBytes ? own_buffer_ : kept_buffer();
+    if (buffer.size() < layout.bytes) buffer.resize(layout.bytes);
+    uint8_t* base = buffer.data();
+    s_.built = base + built;
+    s_.built_list = Layout::at<int32_t>(base, built_list);
+    s_.chunk_counts = Layout::at<int32_t>(base, chunk_counts);
+    s_.selected = Layout::at<int32_t>(base, selected);
+    s_.selected_bucket = Layout::at<int32_t>(base, selected_bucket);
+    s_.selected_codes = Layout::at<float>(base, selected_codes);
+    s_.selected_count = Layout::at<int64_t>(base, selected_count);
+    s_.bucket_start = Layout::at<int64_t>(base, bucket_start);
+    s_.bucket_end = Layout::at<int64_t>(base, bucket_end);
+    s_.members = Layout::at<int32_t>(base, members);
+    s_.member_codes = Layout::at<float>(base, member_codes);
+    s_.num_built = &num_built_;
+  }
+
   template <typename F>
   void for_chunks(const F& body) {
     const int64_t num_codes = s_.num_codes, chunks = chunks_;
@@ -349,13 +358,31 @@ class SortedSearch {
     });
   }
 
+  // Arrays placed one after the other in one buffer, each at a multiple of 64 bytes.
+  struct Layout {
+    size_t bytes = 0;
+    template <typename T>
+    size_t add(int64_t count) {
+      const size_t offset = bytes;
+      bytes += (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
+      return offset;
+    }
+    template <typename T>
+    static T* at(uint8_t* base, size_t offset) {
+      return reinterpret_cast<T*>(base + offset);
+    }
+  };
+  static constexpr size_t kKeptWorkspaceBytes = size_t{64} << 20;
+  static std::vector<uint8_t>& kept_buffer() {
+    thread_local std::vector<uint8_t> buffer;
+    return buffer;
+  }
+
   at::Tensor codebook_;
   SortedCodes s_{};
   int64_t chunks_ = 1;
   int64_t num_built_ = 0;
-  at::Tensor built_, built_list_, chunk_counts_, selected_, selected_bucket_, selected_codes_,
-      selected_count_;
-  at::Tensor bucket_start_, bucket_end_, members_, member_codes_;
+  std::vector<uint8_t> own_buffer_;  // when the arrays exceed kKeptWorkspaceBytes
 };
 
 at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebook, double eps,
@@ -372,11 +399,14 @@ at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebo
   const float* z_ptr = zc.data_ptr<float>();
   int64_t* out = indices.data_ptr<int64_t>();
   SortedSearch search(codebook.contiguous(), eps, l2_normalize);
-  at::Tensor row_bucket = at::empty({rows}, indices.options());
-  int64_t* row_bucket_ptr = row_bucket.data_ptr<int64_t>();
-  search.row_buckets(z_ptr, rows, row_bucket_ptr);
-  search.build(row_bucket_ptr, rows, gsq_sorted::kMarkedHalfWindow);
-  search.search(z_ptr, 0, rows, out);
+  at::Tensor vectors = at::empty(zc.sizes(), zc.options());
+  at::Tensor keys = at::empty({rows}, zc.options().dtype(at::kDouble));
+  at::Tensor buckets = at::empty({rows}, indices.options());
+  int64_t* bucket_ptr = buckets.data_ptr<int64_t>();
+  const SortedRows prepared{z_ptr, vectors.data_ptr<float>(), keys.data_ptr<double>(), bucket_ptr};
+  search.prepare_rows(prepared, rows);
+  search.build(bucket_ptr, rows, gsq_sorted::kMarkedHalfWindow);
+  search.search(prepared, 0, rows, out);
   // Rows whose search reached an unbuilt bucket (rare: no code near them) are searched again over
   // the buckets within kWideHalfWindow of theirs, then over every code.
   for (const int64_t half_window : {gsq_sorted::kWideHalfWindow, int64_t{-1}}) {
@@ -384,13 +414,46 @@ at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebo
     for (int64_t i = 0; i < rows; ++i) {
       if (out[i] >= 0) continue;
       again.push_back(i);
-      again_buckets.push_back(row_bucket_ptr[i]);
+      again_buckets.push_back(bucket_ptr[i]);
     }
     if (again.empty()) break;
     search.build(again_buckets.data(), static_cast<int64_t>(again.size()), half_window);
-    for (const int64_t i : again) search.search(z_ptr, i, i + 1, out);
+    for (const int64_t i : again) search.search(prepared, i, i + 1, out);
   }
   return indices;
+}
+
+// quantize_forward's outputs at the sorted search's indices: quantized = c_idx (in z's dtype),
+// loss_rows = (1 + beta) ||c_idx - n||^2 in float32 with n the lookup vector.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_sorted_cpu(
+    const at::Tensor& z, const at::Tensor& codebook, double beta, double eps, bool l2_normalize) {
+  at::Tensor indices = nearest_code_sorted_cpu(z, codebook, eps, l2_normalize);  // checks inputs
+  const at::Tensor zc = z.to(at::kFloat).contiguous();
+  const at::Tensor cb = codebook.contiguous();
+  const int64_t rows = z.size(0);
+  const int dim = static_cast<int>(z.size(1));  // 1 or 2
+  at::Tensor quantized = at::empty({rows, dim}, zc.options());
+  at::Tensor loss_rows = at::empty({rows}, zc.options());
+  const float* z_ptr = zc.data_ptr<float>();
+  const float* code_ptr = cb.data_ptr<float>();
+  const int64_t* index_ptr = indices.data_ptr<int64_t>();
+  float* quantized_ptr = quantized.data_ptr<float>();
+  float* loss_ptr = loss_rows.data_ptr<float>();
+  const float loss_scale = static_cast<float>(1.0 + beta);
+  at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float n[2];
+      gsq_sorted::lookup_vector(z_ptr + i * dim, dim, l2_normalize, static_cast<float>(eps), n);
+      const float* code = code_ptr + index_ptr[i] * dim;
+      float distance = 0;
+      for (int k = 0; k < dim; ++k) {
+        quantized_ptr[i * dim + k] = code[k];
+        distance += (code[k] - n[k]) * (code[k] - n[k]);
+      }
+      loss_ptr[i] = loss_scale * distance;
+    }
+  });
+  return {quantized.to(z.scalar_type()), indices, loss_rows};
 }
 
 at::Tensor refine_nearest_code_cpu(const at::Tensor& vectors, const at::Tensor& codes_t,
@@ -512,6 +575,7 @@ TORCH_LIBRARY_IMPL(gsq, CPU, m) {
   m.impl("nearest_code_with_gap", &gsq_cpu::nearest_code_with_gap_cpu);
   m.impl("quantize_forward_with_gap", &gsq_cpu::quantize_forward_with_gap_cpu);
   m.impl("nearest_code_sorted", &gsq_cpu::nearest_code_sorted_cpu);
+  m.impl("quantize_forward_sorted", &gsq_cpu::quantize_forward_sorted_cpu);
   m.impl("refine_nearest_code", &gsq_cpu::refine_nearest_code_cpu);
 }
 

@@ -5,7 +5,7 @@
 //
 //   sorted_key_range (d = 1)   the range of the keys, per chunk of codes
 //   sorted_choose_buckets      the number of buckets and the key -> bucket map
-//   sorted_row_buckets         per row: its bucket
+//   sorted_prepare_rows        per row: its lookup vector, key and bucket
 //   sorted_mark_rows           which buckets to build: those within 2 of a row's bucket (all of
 //                              them when rows are many, or one is too short to have an angle); a
 //                              row that needs more is searched again after a build within 64 of
@@ -27,9 +27,6 @@
 
 namespace gsq_cpu {
 
-// Bytes past the end of `built`, zeroed: a vector gather reads four bytes from each bucket's flag.
-constexpr int64_t kBuiltPadding = 3;
-
 struct SortedCodes {
   // Inputs.
   const float* codebook;  // (num_codes, dim), raw
@@ -43,10 +40,10 @@ struct SortedCodes {
   double key_origin;
   double key_scale;
   // Arrays the caller allocates.
-  uint8_t* built;            // num_buckets + 2 + kBuiltPadding
+  uint8_t* built;            // num_buckets + 2
   int32_t* built_list;       // num_buckets + 1: the built buckets (short codes first), ...
   int64_t* num_built;        // ... this many
-  int64_t* chunk_counts;     // (chunks, num_buckets + 2): counts, then each chunk's next slots
+  int32_t* chunk_counts;     // (chunks, num_buckets + 2): counts, then each chunk's next slots
   int32_t* selected;         // num_codes: each chunk's selected codes, from its first position
   int32_t* selected_bucket;  // num_codes
   float* selected_codes;     // (num_codes, dim): their c^ (raw until normalized)
@@ -67,10 +64,16 @@ void sorted_key_range(const SortedCodes& s, int64_t begin, int64_t end, float* l
 
 void sorted_choose_buckets(SortedCodes& s, float low, float high);
 
-// row_bucket[i] for rows [begin, end) of z (M, dim): the row's bucket, -1 for a row holding
-// NaN/inf, -2 for one that needs every bucket.
-void sorted_row_buckets(const SortedCodes& s, const float* z, int64_t begin, int64_t end,
-                        int64_t* row_bucket);
+// The rows as the search reads them: each row's lookup vector, key and bucket, computed once.
+struct SortedRows {
+  const float* z;    // (num_rows, dim), float32
+  float* vectors;    // (num_rows, dim): n
+  double* keys;      // the key of n (row_key_bucket's)
+  int64_t* buckets;  // its bucket, -1 for a row holding NaN/inf, -2 for one that needs every bucket
+};
+
+// Rows [begin, end) of r.
+void sorted_prepare_rows(const SortedCodes& s, const SortedRows& r, int64_t begin, int64_t end);
 
 // Serial, over the rows' buckets: marks the buckets within half_window of one (every bucket when
 // half_window < 0, or when that would mark most of them anyway).
@@ -88,7 +91,7 @@ void sorted_finish_buckets(const SortedCodes& s, int64_t begin, int64_t end);
 
 // indices[i] for rows [begin, end): the exact nearest code, 0 for a row holding NaN/inf, -1 for
 // a row that needs a bucket that was not built.
-void sorted_search_rows(const SortedCodes& s, const float* z, int64_t begin, int64_t end,
+void sorted_search_rows(const SortedCodes& s, const SortedRows& r, int64_t begin, int64_t end,
                         int64_t* indices);
 
 }  // namespace gsq_cpu

@@ -117,6 +117,20 @@ at::Tensor run_lookup(const at::Tensor& z, const at::Tensor& codebook, double ep
   return indices;
 }
 
+// (quantized, indices, loss_rows) of the forward for given indices; z and codebook contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs_at_indices(
+    const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& indices, double beta,
+    double eps, bool l2_normalize, cudaStream_t stream) {
+  at::Tensor quantized = at::empty(z.sizes(), z.options());
+  at::Tensor loss_rows = at::empty({z.size(0)}, z.options().dtype(compute_dtype(z)));
+  check_launch(
+      gather_codes(z.data_ptr(), dtype_tag(z), codebook.data_ptr(), indices.data_ptr<int64_t>(),
+                   z.size(0), static_cast<int>(z.size(1)), eps, l2_normalize, 1.0 + beta,
+                   quantized.data_ptr(), loss_rows.data_ptr(), stream),
+      "gather_codes");
+  return {quantized, indices, loss_rows};
+}
+
 // The forward's outputs, plus the gap to the runner-up when `gap` is defined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const at::Tensor& z_in,
                                                                const at::Tensor& codebook_in,
@@ -128,14 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const at::Tensor&
   const at::Tensor z = z_in.contiguous();
   const at::Tensor codebook = codebook_in.contiguous();
   at::Tensor indices = run_lookup(z, codebook, eps, l2_normalize, gap, stream);
-  at::Tensor quantized = at::empty(z.sizes(), z.options());
-  at::Tensor loss_rows = at::empty({z.size(0)}, z.options().dtype(compute_dtype(z)));
-  check_launch(
-      gather_codes(z.data_ptr(), dtype_tag(z), codebook.data_ptr(), indices.data_ptr<int64_t>(),
-                   z.size(0), static_cast<int>(z.size(1)), eps, l2_normalize, 1.0 + beta,
-                   quantized.data_ptr(), loss_rows.data_ptr(), stream),
-      "gather_codes");
-  return {quantized, indices, loss_rows};
+  return outputs_at_indices(z, codebook, indices, beta, eps, l2_normalize, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_cuda(const at::Tensor& z,
@@ -197,6 +204,16 @@ at::Tensor nearest_code_sorted_cuda(const at::Tensor& z_in, const at::Tensor& co
   return indices;
 }
 
+// quantize_forward's outputs at the sorted search's indices.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_sorted_cuda(
+    const at::Tensor& z_in, const at::Tensor& codebook_in, double beta, double eps,
+    bool l2_normalize) {
+  at::Tensor indices = nearest_code_sorted_cuda(z_in, codebook_in, eps, l2_normalize);  // checks
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  return outputs_at_indices(z_in.contiguous(), codebook_in.contiguous(), indices, beta, eps,
+                            l2_normalize, c10::cuda::getCurrentCUDAStream());
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad_quantized_in,
                                                           const at::Tensor& grad_loss_rows_in,
                                                           const at::Tensor& z_in,
@@ -239,4 +256,5 @@ TORCH_LIBRARY_IMPL(gsq, CUDA, m) {
   m.impl("nearest_code_with_gap", &gsq_cuda::nearest_code_with_gap_cuda);
   m.impl("quantize_forward_with_gap", &gsq_cuda::quantize_forward_with_gap_cuda);
   m.impl("nearest_code_sorted", &gsq_cuda::nearest_code_sorted_cuda);
+  m.impl("quantize_forward_sorted", &gsq_cuda::quantize_forward_sorted_cuda);
 }

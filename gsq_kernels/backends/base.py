@@ -33,6 +33,10 @@ class Backend:
     # with l2 on, for float32 compute (lookup.py's sorted search in one kernel); None: lookup.py's
     # own sorted search runs in torch ops
     nearest_code_sorted: Callable[[Tensor, Tensor, float, bool], Tensor] | None = None
+    # (z, codebook, beta, eps, l2_normalize) -> (quantized, indices, loss), differentiable like
+    # `quantize`, with nearest_code_sorted's indices (where that applies): the exact forward in one
+    # op; None: exact.py's forward
+    quantize_sorted: Callable[[Tensor, Tensor, float, float, bool], tuple[Tensor, Tensor, Tensor]] | None = None
     # (vectors, codes_t, bias, threshold) -> indices: the exact lookup's refinement of the rows a
     # scan leaves ambiguous, for float32 (gsq::refine_nearest_code); None: torch ops (lookup.py)
     refine: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None

@@ -37,5 +37,6 @@ BACKEND = Backend(
     nearest_code_with_gap=ops.nearest_code_with_gap,
     quantize_forward_with_gap=ops.quantize_forward_with_gap,
     nearest_code_sorted=ops.nearest_code_sorted if ops.has_op("nearest_code_sorted") else None,
+    quantize_sorted=ops.quantize_sorted if ops.has_op("quantize_forward_sorted") else None,
     backward=ops.backward,
 )

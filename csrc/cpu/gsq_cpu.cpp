@@ -301,10 +301,12 @@ class SortedSearch {
     sorted_mark_rows(s_, row_bucket, num_rows, half_window);
     for_chunks(
         [&](int64_t t, int64_t first, int64_t last) { sorted_select_chunk(s_, t, first, last); });
-    sorted_bucket_offsets(s_, chunks_);
+    const bool crowded = sorted_bucket_offsets(s_, chunks_);
     for_chunks([&](int64_t t, int64_t first, int64_t) { sorted_fill_chunk(s_, t, first); });
-    at::parallel_for(0, num_built_, 4096,
-                     [&](int64_t begin, int64_t end) { sorted_finish_buckets(s_, begin, end); });
+    if (crowded) {
+      at::parallel_for(0, num_built_, 4096,
+                       [&](int64_t begin, int64_t end) { sorted_finish_buckets(s_, begin, end); });
+    }
   }
 
   void search(const SortedRows& rows, int64_t begin, int64_t end, int64_t* indices) const {
@@ -385,9 +387,10 @@ class SortedSearch {
   std::vector<uint8_t> own_buffer_;  // when the arrays exceed kKeptWorkspaceBytes
 };
 
-at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebook, double eps,
-                                   bool l2_normalize) {
-  const char* op = "gsq::nearest_code_sorted";
+// (indices, the rows' lookup vectors n): nearest_code_sorted, for the ops that also need n.
+std::tuple<at::Tensor, at::Tensor> sorted_lookup(const char* op, const at::Tensor& z,
+                                                 const at::Tensor& codebook, double eps,
+                                                 bool l2_normalize) {
   check_z_and_codebook(op, z, codebook);
   gsq_sorted::check_sorted_search(op, z, l2_normalize);
   TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max(), op, ": V=", codebook.size(0),
@@ -395,11 +398,11 @@ at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebo
   const at::Tensor zc = z.to(at::kFloat).contiguous();
   const int64_t rows = z.size(0);
   at::Tensor indices = at::empty({rows}, z.options().dtype(at::kLong));
-  if (rows == 0) return indices;
+  at::Tensor vectors = at::empty(zc.sizes(), zc.options());
+  if (rows == 0) return {indices, vectors};
   const float* z_ptr = zc.data_ptr<float>();
   int64_t* out = indices.data_ptr<int64_t>();
   SortedSearch search(codebook.contiguous(), eps, l2_normalize);
-  at::Tensor vectors = at::empty(zc.sizes(), zc.options());
   at::Tensor keys = at::empty({rows}, zc.options().dtype(at::kDouble));
   at::Tensor buckets = at::empty({rows}, indices.options());
   int64_t* bucket_ptr = buckets.data_ptr<int64_t>();
@@ -420,21 +423,26 @@ at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebo
     search.build(again_buckets.data(), static_cast<int64_t>(again.size()), half_window);
     for (const int64_t i : again) search.search(prepared, i, i + 1, out);
   }
-  return indices;
+  return {indices, vectors};
+}
+
+at::Tensor nearest_code_sorted_cpu(const at::Tensor& z, const at::Tensor& codebook, double eps,
+                                   bool l2_normalize) {
+  return std::get<0>(sorted_lookup("gsq::nearest_code_sorted", z, codebook, eps, l2_normalize));
 }
 
 // quantize_forward's outputs at the sorted search's indices: quantized = c_idx (in z's dtype),
 // loss_rows = (1 + beta) ||c_idx - n||^2 in float32 with n the lookup vector.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_sorted_cpu(
     const at::Tensor& z, const at::Tensor& codebook, double beta, double eps, bool l2_normalize) {
-  at::Tensor indices = nearest_code_sorted_cpu(z, codebook, eps, l2_normalize);  // checks inputs
-  const at::Tensor zc = z.to(at::kFloat).contiguous();
+  auto [indices, vectors] =
+      sorted_lookup("gsq::quantize_forward_sorted", z, codebook, eps, l2_normalize);
   const at::Tensor cb = codebook.contiguous();
   const int64_t rows = z.size(0);
   const int dim = static_cast<int>(z.size(1));  // 1 or 2
-  at::Tensor quantized = at::empty({rows, dim}, zc.options());
-  at::Tensor loss_rows = at::empty({rows}, zc.options());
-  const float* z_ptr = zc.data_ptr<float>();
+  at::Tensor quantized = at::empty({rows, dim}, vectors.options());
+  at::Tensor loss_rows = at::empty({rows}, vectors.options());
+  const float* n_ptr = vectors.data_ptr<float>();
   const float* code_ptr = cb.data_ptr<float>();
   const int64_t* index_ptr = indices.data_ptr<int64_t>();
   float* quantized_ptr = quantized.data_ptr<float>();
@@ -442,13 +450,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_forward_sorted_cpu(
   const float loss_scale = static_cast<float>(1.0 + beta);
   at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float n[2];
-      gsq_sorted::lookup_vector(z_ptr + i * dim, dim, l2_normalize, static_cast<float>(eps), n);
       const float* code = code_ptr + index_ptr[i] * dim;
       float distance = 0;
       for (int k = 0; k < dim; ++k) {
+        const float difference = code[k] - n_ptr[i * dim + k];
         quantized_ptr[i * dim + k] = code[k];
-        distance += (code[k] - n[k]) * (code[k] - n[k]);
+        distance += difference * difference;
       }
       loss_ptr[i] = loss_scale * distance;
     }

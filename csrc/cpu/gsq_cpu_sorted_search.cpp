@@ -261,9 +261,10 @@ void sorted_select_chunk(const SortedCodes& s, int64_t chunk, int64_t begin, int
   s.selected_count[chunk] = kept - begin;
 }
 
-void sorted_bucket_offsets(const SortedCodes& s, int64_t chunks) {
+bool sorted_bucket_offsets(const SortedCodes& s, int64_t chunks) {
   const int64_t stride = s.num_buckets + 2;
   int64_t total = 0;
+  bool crowded = false;
   for (int64_t k = 0; k < *s.num_built; ++k) {
     const int64_t b = s.built_list[k];
     s.bucket_start[b] = total;
@@ -273,7 +274,9 @@ void sorted_bucket_offsets(const SortedCodes& s, int64_t chunks) {
       total += count;
     }
     s.bucket_end[b] = total;
+    crowded |= total - s.bucket_start[b] > kCrowdedBucket;
   }
+  return crowded;
 }
 
 namespace {

@@ -82,7 +82,8 @@ void sorted_mark_rows(const SortedCodes& s, const int64_t* row_bucket, int64_t n
 
 void sorted_select_chunk(const SortedCodes& s, int64_t chunk, int64_t begin, int64_t end);
 
-void sorted_bucket_offsets(const SortedCodes& s, int64_t chunks);
+// Returns whether some bucket is crowded (sorted_finish_buckets has work).
+bool sorted_bucket_offsets(const SortedCodes& s, int64_t chunks);
 
 void sorted_fill_chunk(const SortedCodes& s, int64_t chunk, int64_t begin);
 

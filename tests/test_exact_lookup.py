@@ -304,7 +304,7 @@ def test_cpu_sorted_search_reuses_its_arrays_safely():
 
     torch.manual_seed(6)
     cases = []
-    for num_codes, rows, d in ((70_000, 300, 2), (5, 40, 2), (262_144, 2048, 2), (1000, 7, 1), (70_000, 5000, 2)):
+    for num_codes, rows, d in ((70_000, 300, 2), (5, 40, 2), (150_000, 200, 2), (1000, 7, 1), (70_000, 500, 2)):
         codebook = spherical_init(num_codes, d) if d == 2 else torch.randn(num_codes, 1)
         z = torch.randn(rows, d)
         cases.append((z, codebook, _oracle(z, codebook, True)))

@@ -34,9 +34,7 @@ def sorted_op(chosen, name: str, z: Tensor, l2_normalize: bool):
     """The backend's one-op sorted search `name` ("nearest_code_sorted" or "quantize_sorted") when
     it applies to the group vectors z (d = 1, or d = 2 with l2 on; float32 compute), else None:
     called directly, it spares the custom op's Python layer that the general path needs."""
-    if not lookup.uses_sorted_search(z.shape[1], l2_normalize) or compute_dtype(z) != torch.float32:
-        return None
-    return getattr(chosen, name)
+    return getattr(chosen, name) if lookup.sorted_kernel_applies(z, l2_normalize) else None
 
 
 @torch.library.custom_op("gsq_kernels::nearest_code_exact", mutates_args=())

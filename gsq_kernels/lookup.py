@@ -102,7 +102,7 @@ def exact_nearest_code(
     refine_kernel: a backend's refinement (float32; see refine_ambiguous_rows)."""
     with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
         if uses_sorted_search(z.shape[1], l2_normalize):
-            if sorted_kernel is not None and compute_dtype(z) == torch.float32:
+            if sorted_kernel is not None and sorted_kernel_applies(z, l2_normalize):
                 return sorted_kernel(z, codebook.float(), eps, l2_normalize)
             vectors, codes = lookup_vectors(z, codebook, eps, l2_normalize)
             return torch.where(torch.isfinite(z).all(dim=1), sorted_search(vectors, codes), 0)
@@ -114,6 +114,12 @@ def exact_nearest_code(
 
 def uses_sorted_search(d: int, l2_normalize: bool) -> bool:
     return d == 1 or (d == 2 and l2_normalize)
+
+
+def sorted_kernel_applies(z: Tensor, l2_normalize: bool) -> bool:
+    """Whether a backend's sorted-search kernel covers the group vectors z: the sorted search, in
+    float32 compute (float64 z takes sorted_search below)."""
+    return uses_sorted_search(z.shape[1], l2_normalize) and compute_dtype(z) == torch.float32
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@
 #include "gsq_cpu_refine.h"
 #include "gsq_cpu_sorted_search.h"
 #include "gsq_sorted_search_checks.h"
+#include "gsq_workspace.h"
 
 namespace gsq_cpu {
 namespace {
@@ -320,34 +321,29 @@ class SortedSearch {
   // (up to kKeptWorkspaceBytes): fresh pages would fault on every call (glibc returns large blocks
   // to the system on free), which cost a third of a batch-1 lookup at V = 262,144.
   void allocate_arrays() {
-    const int64_t slots = s_.num_buckets + 1, codes = s_.num_codes, dim = s_.dim;
-    Layout layout;
-    const size_t built = layout.add<uint8_t>(slots + 1);
-    const size_t built_list = layout.add<int32_t>(slots);
-    const size_t chunk_counts = layout.add<int32_t>(chunks_ * (slots + 1));
-    const size_t selected = layout.add<int32_t>(codes);
-    const size_t selected_bucket = layout.add<int32_t>(codes);
-    const size_t selected_codes = layout.add<float>(codes * dim);
-    const size_t selected_count = layout.add<int64_t>(chunks_);
-    const size_t bucket_start = layout.add<int64_t>(slots);
-    const size_t bucket_end = layout.add<int64_t>(slots);
-    const size_t members = layout.add<int32_t>(codes);
-    const size_t member_codes = layout.add<float>(codes * dim);
-    std::vector<uint8_t>& buffer = layout.bytes > kKeptWorkspaceBytes ? own_buffer_ : kept_buffer();
-    if (buffer.size() < layout.bytes) buffer.resize(layout.bytes);
-    uint8_t* base = buffer.data();
-    s_.built = base + built;
-    s_.built_list = Layout::at<int32_t>(base, built_list);
-    s_.chunk_counts = Layout::at<int32_t>(base, chunk_counts);
-    s_.selected = Layout::at<int32_t>(base, selected);
-    s_.selected_bucket = Layout::at<int32_t>(base, selected_bucket);
-    s_.selected_codes = Layout::at<float>(base, selected_codes);
-    s_.selected_count = Layout::at<int64_t>(base, selected_count);
-    s_.bucket_start = Layout::at<int64_t>(base, bucket_start);
-    s_.bucket_end = Layout::at<int64_t>(base, bucket_end);
-    s_.members = Layout::at<int32_t>(base, members);
-    s_.member_codes = Layout::at<float>(base, member_codes);
+    gsq_workspace::Carver size{nullptr};
+    carve_arrays(size);
+    std::vector<uint8_t>& buffer = size.bytes > kKeptWorkspaceBytes ? own_buffer_ : kept_buffer();
+    if (buffer.size() < size.bytes) buffer.resize(size.bytes);
+    gsq_workspace::Carver carve{reinterpret_cast<char*>(buffer.data())};
+    carve_arrays(carve);
     s_.num_built = &num_built_;
+  }
+
+  void carve_arrays(gsq_workspace::Carver& carve) {
+    const size_t slots = static_cast<size_t>(s_.num_buckets + 1);
+    const size_t codes = static_cast<size_t>(s_.num_codes), dim = static_cast<size_t>(s_.dim);
+    s_.built = carve.take<uint8_t>(slots + 1);
+    s_.built_list = carve.take<int32_t>(slots);
+    s_.chunk_counts = carve.take<int32_t>(static_cast<size_t>(chunks_) * (slots + 1));
+    s_.selected = carve.take<int32_t>(codes);
+    s_.selected_bucket = carve.take<int32_t>(codes);
+    s_.selected_codes = carve.take<float>(codes * dim);
+    s_.selected_count = carve.take<int64_t>(static_cast<size_t>(chunks_));
+    s_.bucket_start = carve.take<int64_t>(slots);
+    s_.bucket_end = carve.take<int64_t>(slots);
+    s_.members = carve.take<int32_t>(codes);
+    s_.member_codes = carve.take<float>(codes * dim);
   }
 
   template <typename F>
@@ -360,20 +356,6 @@ class SortedSearch {
     });
   }
 
-  // Arrays placed one after the other in one buffer, each at a multiple of 64 bytes.
-  struct Layout {
-    size_t bytes = 0;
-    template <typename T>
-    size_t add(int64_t count) {
-      const size_t offset = bytes;
-      bytes += (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
-      return offset;
-    }
-    template <typename T>
-    static T* at(uint8_t* base, size_t offset) {
-      return reinterpret_cast<T*>(base + offset);
-    }
-  };
   static constexpr size_t kKeptWorkspaceBytes = size_t{64} << 20;
   static std::vector<uint8_t>& kept_buffer() {
     thread_local std::vector<uint8_t> buffer;

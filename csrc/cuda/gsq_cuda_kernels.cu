@@ -63,6 +63,7 @@
 #include <math.h>
 
 #include "gsq_sorted_search.h"
+#include "gsq_workspace.h"
 
 #if !defined(GSQ_CUDA_EMULATION)
 #include <cuda_bf16.h>
@@ -804,8 +805,6 @@ inline int blocks_for(int64_t items, int threads) {
   return static_cast<int>((items + threads - 1) / threads);
 }
 
-size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
 template <typename scalar_t, typename gap_t>
 cudaError_t fix_non_finite_rows(const scalar_t* z, int64_t num_rows, int d, int64_t* indices,
                                 gap_t* gap, cudaStream_t stream) {
@@ -951,23 +950,18 @@ int64_t grad_chunks(int64_t num_rows) { return (num_rows + kGradChunk - 1) / kGr
 BackwardWorkspace carve_workspace(void* base, int64_t num_rows, int64_t num_codes, int d,
                                   size_t acc_size) {
   BackwardWorkspace w{};
-  char* p = static_cast<char*>(base);
-  size_t offset = 0;
-  auto take = [&](size_t bytes) {
-    char* out = p == nullptr ? nullptr : p + offset;
-    offset += align_up(bytes);
-    return out;
-  };
-  w.n = take(static_cast<size_t>(num_rows) * d * acc_size);
-  w.norms = take(static_cast<size_t>(num_rows) * acc_size);
-  w.chunk_partials = take(static_cast<size_t>(grad_chunks(num_rows)) * d * acc_size);
-  w.sorted_codes = reinterpret_cast<int64_t*>(take(static_cast<size_t>(num_rows) * 8));
-  w.row_ids = reinterpret_cast<int64_t*>(take(static_cast<size_t>(num_rows) * 8));
-  w.rows_by_code = reinterpret_cast<int64_t*>(take(static_cast<size_t>(num_rows) * 8));
-  w.bucket_start = reinterpret_cast<int64_t*>(take(static_cast<size_t>(num_codes + 1) * 8));
+  gsq_workspace::Carver carve{static_cast<char*>(base)};
+  const size_t rows = static_cast<size_t>(num_rows);
+  w.n = carve.take<char>(rows * d * acc_size);
+  w.norms = carve.take<char>(rows * acc_size);
+  w.chunk_partials = carve.take<char>(static_cast<size_t>(grad_chunks(num_rows)) * d * acc_size);
+  w.sorted_codes = carve.take<int64_t>(rows);
+  w.row_ids = carve.take<int64_t>(rows);
+  w.rows_by_code = carve.take<int64_t>(rows);
+  w.bucket_start = carve.take<int64_t>(static_cast<size_t>(num_codes + 1));
   w.sort_scratch_bytes = sort_scratch_bytes(num_rows, num_codes);
-  w.sort_scratch = take(w.sort_scratch_bytes);
-  w.total_bytes = offset;
+  w.sort_scratch = carve.take<char>(w.sort_scratch_bytes);
+  w.total_bytes = carve.bytes;
   return w;
 }
 
@@ -1169,27 +1163,20 @@ int64_t sorted_max_buckets(int64_t num_codes) {
 
 SortedWorkspace carve_sorted_workspace(void* base, int64_t num_codes, int dim) {
   SortedWorkspace w{};
-  char* p = static_cast<char*>(base);
-  size_t offset = 0;
-  auto take = [&](size_t bytes) {
-    char* out = p == nullptr ? nullptr : p + offset;
-    offset += align_up(bytes);
-    return out;
-  };
+  gsq_workspace::Carver carve{static_cast<char*>(base)};
   const size_t codes = static_cast<size_t>(num_codes);
-  w.keys = reinterpret_cast<unsigned long long*>(take(codes * 8));
-  w.sorted_keys = reinterpret_cast<unsigned long long*>(take(codes * 8));
-  w.codes = reinterpret_cast<int64_t*>(take(codes * 8));
-  w.sorted_codes = reinterpret_cast<int64_t*>(take(codes * 8));
-  w.bucket_start =
-      reinterpret_cast<int64_t*>(take(static_cast<size_t>(sorted_max_buckets(num_codes) + 2) * 8));
-  w.members = reinterpret_cast<int32_t*>(take(codes * 4));
-  w.member_codes = reinterpret_cast<float*>(take(codes * dim * 4));
-  w.range = reinterpret_cast<float*>(take(2 * 4));
+  w.keys = carve.take<unsigned long long>(codes);
+  w.sorted_keys = carve.take<unsigned long long>(codes);
+  w.codes = carve.take<int64_t>(codes);
+  w.sorted_codes = carve.take<int64_t>(codes);
+  w.bucket_start = carve.take<int64_t>(static_cast<size_t>(sorted_max_buckets(num_codes) + 2));
+  w.members = carve.take<int32_t>(codes);
+  w.member_codes = carve.take<float>(codes * dim);
+  w.range = carve.take<float>(2);
   // The keys are buckets in [0, most buckets + 1].
   w.sort_scratch_bytes = sort_scratch_bytes(num_codes, sorted_max_buckets(num_codes) + 2);
-  w.sort_scratch = take(w.sort_scratch_bytes);
-  w.total_bytes = offset;
+  w.sort_scratch = carve.take<char>(w.sort_scratch_bytes);
+  w.total_bytes = carve.bytes;
   return w;
 }
 

@@ -1,7 +1,7 @@
 // Declares every gsq op (the schemas); each backend registers its kernels for its dispatch key in
-// its own file (cpu/gsq_cpu.cpp, cuda/gsq_cuda.cpp), and gsq_kernels/ops.py registers the fake
-// (shape) functions and the autograd formulas, so torch.compile traces the ops without graph
-// breaks.
+// its own file (cpu/gsq_cpu.cpp, cuda/gsq_cuda.cpp), gsq_autograd.cpp differentiates the fused
+// forwards, and gsq_kernels/ops.py registers the fake (shape) functions, so torch.compile traces
+// the ops without graph breaks.
 //
 // The ops work on flattened group vectors: z is (M, d) with M = (number of positions) * G, and
 // codebook is (V, d), float32 (float64 for float64 z). Layout handling lives in Python.

@@ -8,6 +8,9 @@
 // The op schemas first, then each backend's kernels for them.
 #include "gsq_ops.cpp"
 
+// Their gradient, for every device.
+#include "gsq_autograd.cpp"
+
 #include "cpu/gsq_cpu.cpp"
 #ifdef GSQ_WITH_CUDA
 #include "cuda/gsq_cuda.cpp"

@@ -72,7 +72,7 @@ def cuda_toolkit_status() -> tuple[bool, str]:
 # per translation unit (more than the kernels themselves). They are compiled as one unit,
 # TORCH_GLUE_UNIT, which #includes them (CUDA's only when built with CUDA), so those headers are
 # parsed once per build instead of three times.
-TORCH_GLUE = ("gsq_ops.cpp", "cpu/gsq_cpu.cpp", "cuda/gsq_cuda.cpp")
+TORCH_GLUE = ("gsq_ops.cpp", "gsq_autograd.cpp", "cpu/gsq_cpu.cpp", "cuda/gsq_cuda.cpp")
 TORCH_GLUE_UNIT = "gsq_torch_glue.cpp"
 
 

@@ -1,5 +1,6 @@
 """torch.library registration of the compiled gsq ops (declared in csrc/gsq_ops.cpp): fake (shape)
-functions for torch.compile and the autograd formula, plus the thin Python calls the C++ backends
+functions for torch.compile, the autograd formula for Python-level forward ops (the fused forwards
+have theirs in C++, csrc/gsq_autograd.cpp), plus the thin Python calls the C++ backends
 (backends/cpu.py, backends/cuda.py) share.
 
 quantize_forward's loss_rows output carries the straight-through surrogate gradient: with
@@ -67,6 +68,13 @@ def register_quantize_autograd(forward_op: str, backward: Callable[..., tuple[Te
     torch.library.register_autograd(forward_op, differentiate, setup_context=setup_context)
 
 
+def _differentiate_fused_forward(forward_op: str) -> None:
+    """The fused forwards are differentiated in C++ (csrc/gsq_autograd.cpp); an extension built
+    before that existed gets the same formula from Python."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(forward_op, "Autograd"):
+        register_quantize_autograd(forward_op, torch.ops.gsq.quantize_backward)
+
+
 if OPS_AVAILABLE:
 
     @torch.library.register_fake("gsq::quantize_forward")
@@ -91,7 +99,7 @@ if OPS_AVAILABLE:
         torch._check(z.dim() == 2 and codebook.dim() == 2, lambda: "z and codebook must be 2-D")
         return z.new_empty((z.shape[0],), dtype=torch.int64)
 
-    register_quantize_autograd("gsq::quantize_forward", torch.ops.gsq.quantize_backward)
+    _differentiate_fused_forward("gsq::quantize_forward")
 
 
 def quantize(z: Tensor, codebook: Tensor, beta: float, eps: float, l2_normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -158,7 +166,7 @@ if has_op("nearest_code_sorted"):
 
 if has_op("quantize_forward_sorted"):
     torch.library.register_fake("gsq::quantize_forward_sorted")(_quantize_forward_fake)
-    register_quantize_autograd("gsq::quantize_forward_sorted", torch.ops.gsq.quantize_backward)
+    _differentiate_fused_forward("gsq::quantize_forward_sorted")
 
 
 def quantize_forward_with_gap(

@@ -126,3 +126,24 @@ def test_groups_share_one_codebook(device, backend, groups):
     as_rows = grouped_spherical_quantize(z.reshape(-1, d), codebook, 1, backend=backend)
     assert torch.equal(out.indices.reshape(-1), as_rows.indices.reshape(-1))
     assert torch.equal(out.quantized.reshape(-1, d), as_rows.quantized)
+
+
+@pytest.mark.parametrize("num_codes", [3000, 70_000, 5_000_000])
+def test_codebook_gradient_with_few_rows_for_many_codes(num_codes):
+    """Few rows against many codes (rows are grouped by a radix sort, 1 to 3 passes): each chosen
+    code gets 2 sum_i w_i (c_j - n_i) over its rows, every other code zero."""
+    generator = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 3, generator=generator)
+    codebook = torch.randn(num_codes, 3, generator=generator)
+    # Shared codes, and codes that differ only in their high bits (the later passes decide them).
+    chosen = torch.tensor([num_codes - 1, 0, 2047, 2048, 2047 + 2048 * 2, num_codes // 2]) % num_codes
+    indices = chosen[torch.randint(0, len(chosen), (40,), generator=generator)]
+    grad_loss_rows = torch.randn(40, generator=generator)
+    _, grad_codebook = torch.ops.gsq.quantize_backward(
+        torch.zeros_like(z), grad_loss_rows, z, codebook, indices, 0.25, 1e-12, True
+    )
+    n = torch.nn.functional.normalize(z.double(), dim=1)
+    expected = torch.zeros(num_codes, 3, dtype=torch.float64)
+    expected.index_add_(0, indices, 2 * grad_loss_rows.double()[:, None] * (codebook.double()[indices] - n))
+    torch.testing.assert_close(grad_codebook.double(), expected, rtol=1e-6, atol=1e-6)
+    assert int(grad_codebook.abs().sum(dim=1).count_nonzero()) == len(indices.unique())

@@ -1,7 +1,6 @@
 // The CPU kernels for any CPU the compiler targets by default (SSE2 on x86-64, NEON on arm64),
 // the float64 path (used by gradcheck), and the backward, which is O(N d) and memory-bound.
 #include <algorithm>
-#include <utility>
 #include <vector>  // safe here: this file is built for the default target (see gsq_cpu_kernels.h)
 
 #include "gsq_cpu_kernels.h"
@@ -57,14 +56,25 @@ index_t group_rows_by_code(const int64_t* indices, index_t num_rows, index_t num
                            int64_t* rows_by_code, int64_t* used_codes, int64_t* group_start) {
   index_t groups = 0;
   if (num_rows * 8 < num_codes) {
-    // Few rows: sort them by (code, row), no pass over the codebook.
-    std::vector<std::pair<int64_t, int64_t>> pairs(num_rows);
-    for (index_t i = 0; i < num_rows; ++i) pairs[i] = {indices[i], i};
-    std::sort(pairs.begin(), pairs.end());
+    // Few rows: a radix sort of the rows by code, kRadixBits per pass, no pass over the codebook.
+    // Each pass is stable, so a code's rows stay in increasing order.
+    constexpr int kRadixBits = 11;
+    constexpr int64_t kRadix = int64_t{1} << kRadixBits;
+    std::vector<int64_t> next(num_rows);
+    std::vector<index_t> slot(kRadix + 1);
+    for (index_t i = 0; i < num_rows; ++i) rows_by_code[i] = i;
+    for (int shift = 0; ((num_codes - 1) >> shift) > 0; shift += kRadixBits) {
+      const auto digit = [&](int64_t row) { return (indices[row] >> shift) & (kRadix - 1); };
+      std::fill(slot.begin(), slot.end(), 0);
+      for (index_t i = 0; i < num_rows; ++i) slot[digit(rows_by_code[i]) + 1] += 1;
+      for (int64_t r = 0; r < kRadix; ++r) slot[r + 1] += slot[r];
+      for (index_t i = 0; i < num_rows; ++i) next[slot[digit(rows_by_code[i])]++] = rows_by_code[i];
+      std::copy(next.begin(), next.end(), rows_by_code);
+    }
     for (index_t p = 0; p < num_rows; ++p) {
-      rows_by_code[p] = pairs[p].second;
-      if (p == 0 || pairs[p].first != pairs[p - 1].first) {
-        used_codes[groups] = pairs[p].first;
+      const int64_t code = indices[rows_by_code[p]];
+      if (p == 0 || code != indices[rows_by_code[p - 1]]) {
+        used_codes[groups] = code;
         group_start[groups++] = p;
       }
     }

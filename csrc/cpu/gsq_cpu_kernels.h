@@ -87,7 +87,8 @@ void backward_z_rows(const T* z, const T* grad_quantized, const T* grad_loss_row
 //
 // group_rows_by_code: rows_by_code lists the rows ordered by (code, row); the g-th distinct code
 // is used_codes[g], its rows rows_by_code[group_start[g], group_start[g + 1]). Returns the number
-// of distinct codes. O(N log N) when N is small against V, else a counting sort, O(N + V).
+// of distinct codes. A radix sort of the rows when N is small against V, O(N log V), else a
+// counting sort, O(N + V).
 index_t group_rows_by_code(const int64_t* indices, index_t num_rows, index_t num_codes,
                            int64_t* rows_by_code, int64_t* used_codes,
                            int64_t* group_start /* num_rows + 1 */);

@@ -11,6 +11,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "gsq_compute_dtype.h"
+
 namespace gsq_autograd {
 namespace {
 
@@ -60,9 +62,7 @@ class QuantizeFunction : public torch::autograd::Function<QuantizeFunction<OpNam
     at::Tensor grad_quantized = grads[0].defined() ? grads[0] : at::zeros_like(z);
     at::Tensor grad_loss_rows = grads[2];
     if (!grad_loss_rows.defined()) {
-      // The loss rows are in the compute dtype: float64 for float64 z, else float32.
-      const auto dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      grad_loss_rows = at::zeros({z.size(0)}, z.options().dtype(dtype));
+      grad_loss_rows = at::zeros({z.size(0)}, z.options().dtype(gsq_glue::compute_dtype(z)));
     }
     auto [grad_z, grad_codebook] = call_backward(
         grad_quantized, grad_loss_rows, z, codebook, saved[2], ctx->saved_data["beta"].toDouble(),

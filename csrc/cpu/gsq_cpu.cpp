@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "gsq_compute_dtype.h"
 #include "gsq_cpu_kernels.h"
 #include "gsq_cpu_refine.h"
 #include "gsq_cpu_sorted_search.h"
@@ -109,9 +110,7 @@ const KernelTable<float>* float_table() {
   }
 }
 
-c10::ScalarType compute_dtype(const at::Tensor& z) {
-  return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+using gsq_glue::compute_dtype;
 
 void check_z_and_codebook(const char* op, const at::Tensor& z, const at::Tensor& codebook) {
   TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), op,

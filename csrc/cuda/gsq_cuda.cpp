@@ -14,15 +14,14 @@
 #include <tuple>
 #include <utility>
 
+#include "gsq_compute_dtype.h"
 #include "gsq_cuda_kernels.h"
 #include "gsq_sorted_search_checks.h"
 
 namespace gsq_cuda {
 namespace {
 
-c10::ScalarType compute_dtype(const at::Tensor& z) {
-  return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+using gsq_glue::compute_dtype;
 
 DType dtype_tag(const at::Tensor& z) {
   switch (z.scalar_type()) {
